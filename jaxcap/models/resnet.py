@@ -1,0 +1,183 @@
+"""ResNet encoders that reproduce the ImageNet networks people already have.
+
+Two variants, because the two popular weight sources disagree on details that
+change every activation:
+
+* ``v1``   — Keras ``ResNet50``: stride on the first 1x1 conv of a downsampling
+  bottleneck and on its shortcut, convolutions with bias, BatchNorm epsilon
+  1.001e-5.
+* ``v1.5`` — torchvision ``resnet50``: stride on the 3x3 conv, no conv bias,
+  BatchNorm epsilon 1e-5.
+
+All padding is explicit and symmetric. Flax's ``'SAME'`` pads (0, 1) on an even
+input with stride 2 where Keras' ``ZeroPadding2D`` and torch pad (1, 1) or
+(3, 3), which silently breaks ported weights.
+
+Parameter names are ``stem_conv``, ``stem_bn`` and ``stage{S}_block{B}`` holding
+``conv{K}``/``bn{K}`` and ``shortcut_conv``/``shortcut_bn``, so that both
+converters map onto one tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+# Blocks per stage, and whether blocks are bottlenecks (1x1, 3x3, 1x1 with 4x expansion).
+STAGE_SIZES = {
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+    152: ((3, 8, 36, 3), True),
+}
+STAGE_WIDTHS = (64, 128, 256, 512)
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+    """What differs between the two weight conventions."""
+
+    stride_on_first_conv: bool  # bottleneck stride on conv1 (v1) or on conv2 (v1.5)
+    conv_bias: bool
+    bn_epsilon: float
+
+
+VARIANTS = {
+    "v1": VariantSpec(stride_on_first_conv=True, conv_bias=True, bn_epsilon=1.001e-5),
+    "v1.5": VariantSpec(stride_on_first_conv=False, conv_bias=False, bn_epsilon=1e-5),
+}
+
+
+def output_channels(depth: int, stage: int) -> int:
+    """Channels of the feature map after ``stage`` (1..4)."""
+    _, bottleneck = STAGE_SIZES[depth]
+    return STAGE_WIDTHS[stage - 1] * (4 if bottleneck else 1)
+
+
+def output_size(image_size: int, stage: int) -> int:
+    """Spatial size of the feature map after ``stage`` for a square input."""
+    size = (image_size + 2 * 3 - 7) // 2 + 1  # stem conv 7x7/2, pad 3
+    size = (size + 2 * 1 - 3) // 2 + 1  # max-pool 3x3/2, pad 1
+    for _ in range(stage - 1):  # stages 2..4 halve (3x3 or 1x1 conv, stride 2)
+        size = (size - 1) // 2 + 1
+    return size
+
+
+def adaptive_avg_pool(x: jnp.ndarray, grid: int) -> jnp.ndarray:
+    """Average-pools NHWC ``x`` to ``grid`` x ``grid`` with torch's adaptive bins.
+
+    Bin ``i`` covers rows ``floor(i*H/G) .. ceil((i+1)*H/G)``, so when ``H`` is a
+    multiple of ``G`` this is a plain non-overlapping average.
+    """
+    _, height, width, _ = x.shape
+
+    def pool_matrix(size: int) -> np.ndarray:
+        matrix = np.zeros((grid, size), np.float32)
+        for i in range(grid):
+            start, stop = (i * size) // grid, -((-(i + 1) * size) // grid)
+            matrix[i, start:stop] = 1.0 / (stop - start)
+        return matrix
+
+    rows, cols = pool_matrix(height), pool_matrix(width)
+    return jnp.einsum("gh,nhwc,kw->ngkc", rows.astype(x.dtype), x, cols.astype(x.dtype))
+
+
+def _conv_bn(x, name: str, bn_name: str, features: int, kernel: int, strides: int,
+             spec: VariantSpec, dtype, train: bool, relu: bool = True):
+    """Conv then BatchNorm; must be called inside a compact method (it binds there)."""
+    pad = kernel // 2
+    x = nn.Conv(features, (kernel, kernel), (strides, strides),
+                padding=((pad, pad), (pad, pad)), use_bias=spec.conv_bias,
+                dtype=dtype, name=name)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                     epsilon=spec.bn_epsilon, dtype=dtype, name=bn_name)(x)
+    return nn.relu(x) if relu else x
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (ResNet-18/34)."""
+
+    width: int
+    strides: int
+    spec: VariantSpec
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        common = dict(spec=self.spec, dtype=self.dtype, train=train)
+        shortcut = x
+        y = _conv_bn(x, "conv1", "bn1", self.width, 3, self.strides, **common)
+        y = _conv_bn(y, "conv2", "bn2", self.width, 3, 1, relu=False, **common)
+        if self.strides != 1 or x.shape[-1] != self.width:
+            shortcut = _conv_bn(x, "shortcut_conv", "shortcut_bn", self.width, 1,
+                                self.strides, relu=False, **common)
+        return nn.relu(y + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (ResNet-50/101/152)."""
+
+    width: int
+    strides: int
+    spec: VariantSpec
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        common = dict(spec=self.spec, dtype=self.dtype, train=train)
+        first, second = ((self.strides, 1) if self.spec.stride_on_first_conv
+                         else (1, self.strides))
+        out = self.width * 4
+        shortcut = x
+        y = _conv_bn(x, "conv1", "bn1", self.width, 1, first, **common)
+        y = _conv_bn(y, "conv2", "bn2", self.width, 3, second, **common)
+        y = _conv_bn(y, "conv3", "bn3", out, 1, 1, relu=False, **common)
+        if self.strides != 1 or x.shape[-1] != out:
+            shortcut = _conv_bn(x, "shortcut_conv", "shortcut_bn", out, 1, self.strides,
+                                relu=False, **common)
+        return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+    """A headless ResNet returning the feature grid of ``stage``.
+
+    Input: float NHWC images already normalised for the weights (see
+    ``jaxcap.models.preprocessing``). Output: ``(N, H', W', C)``, average-pooled
+    to ``grid`` x ``grid`` when ``grid`` is set.
+    """
+
+    depth: int = 50
+    variant: str = "v1.5"
+    stage: int = 4
+    grid: int | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.depth not in STAGE_SIZES:
+            raise ValueError(f"ResNet depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"ResNet variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        if not 1 <= self.stage <= 4:
+            raise ValueError(f"ResNet stage must be 1..4, got {self.stage}")
+        spec = VARIANTS[self.variant]
+        sizes, bottleneck = STAGE_SIZES[self.depth]
+        block_cls = Bottleneck if bottleneck else BasicBlock
+
+        x = x.astype(self.dtype)
+        x = _conv_bn(x, "stem_conv", "stem_bn", 64, 7, 2, spec=spec, dtype=self.dtype,
+                     train=train)
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        for stage_index, (blocks, width) in enumerate(zip(sizes[:self.stage], STAGE_WIDTHS)):
+            for block_index in range(blocks):
+                strides = 2 if stage_index > 0 and block_index == 0 else 1
+                x = block_cls(width, strides, spec, self.dtype,
+                              name=f"stage{stage_index + 1}_block{block_index + 1}")(x, train)
+        if self.grid is not None:
+            x = adaptive_avg_pool(x, self.grid)
+        return x
