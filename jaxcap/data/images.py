@@ -49,7 +49,7 @@ def load_image(path: str | os.PathLike, size: int, resize: str = "direct") -> np
     except Image.DecompressionBombError as error:
         raise ImageError(f"image too large: {error}") from None
     except Image.UnidentifiedImageError:
-        raise ImageError("not an image file Pillow can read") from None
+        raise ImageError("not a readable image: unknown format or corrupt header") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"truncated or corrupt image: {error}") from None
     return _resize(rgb, size, resize)

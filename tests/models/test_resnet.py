@@ -1,0 +1,58 @@
+"""The ResNet family: shapes, parameter counts and pooling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcap.models.resnet import ResNet, adaptive_avg_pool, output_channels, output_size
+
+
+def _shapes(module, size):
+    images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
+    return variables, jax.eval_shape(module.apply, variables, images)
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+@pytest.mark.parametrize("variant", ["v1", "v1.5"])
+def test_every_depth_gives_the_last_stage_grid(depth, variant):
+    _, out = _shapes(ResNet(depth=depth, variant=variant), 224)
+    assert out.shape == (2, 7, 7, output_channels(depth, 4))
+
+
+def test_parameter_count_matches_torchvision_resnet50_without_classifier():
+    variables, _ = _shapes(ResNet(depth=50, variant="v1.5"), 64)
+    count = sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"]))
+    assert count == 25_557_032 - 2_049_000  # torchvision resnet50 minus fc
+
+
+@pytest.mark.parametrize("size", [224, 225, 97, 448])
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_output_size_predicts_the_grid(size, stage):
+    _, out = _shapes(ResNet(depth=18, stage=stage), size)
+    assert out.shape[1] == out.shape[2] == output_size(size, stage)
+    assert out.shape[3] == output_channels(18, stage)
+
+
+@pytest.mark.parametrize("height, width, grid", [(14, 14, 7), (7, 7, 3), (10, 13, 4)])
+def test_adaptive_pool_matches_torch_bins(height, width, grid, rng):
+    x = rng.normal(size=(2, height, width, 5)).astype(np.float32)
+    expected = np.zeros((2, grid, grid, 5), np.float32)
+    for i in range(grid):
+        for j in range(grid):
+            rows = slice(i * height // grid, -(-(i + 1) * height // grid))
+            cols = slice(j * width // grid, -(-(j + 1) * width // grid))
+            expected[:, i, j] = x[:, rows, cols].mean(axis=(1, 2))
+    np.testing.assert_allclose(adaptive_avg_pool(jnp.asarray(x), grid), expected, rtol=1e-5, atol=1e-6)
+    torch = pytest.importorskip("torch", reason="torch's own adaptive_avg_pool2d as a second peer")
+    theirs = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), grid)
+    np.testing.assert_allclose(expected, theirs.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_configuration_is_refused():
+    images = jnp.zeros((1, 32, 32, 3))
+    with pytest.raises(ValueError, match="depth must be one of"):
+        ResNet(depth=42).init(jax.random.PRNGKey(0), images)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        ResNet(variant="v2").init(jax.random.PRNGKey(0), images)

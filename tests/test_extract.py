@@ -1,0 +1,157 @@
+"""jaxcap extract: exact features, bad input skipped and listed, resume, refusal to overwrite."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from jaxcap import cli, extract as extract_module
+from jaxcap.data.images import load_image
+from jaxcap.extract import ExtractError, extract
+from jaxcap.models.encoder import build_encoder, load_encoder
+from jaxcap.models.preprocessing import normalize
+from tests.image_fixtures import write_every_kind
+
+SIZE = 64
+
+
+def _reference(weights, paths, size=SIZE, grid=None):
+    """Features computed directly: load_image, normalise, apply on one device."""
+    metadata, variables = load_encoder(weights)
+    module = build_encoder(metadata, grid=grid)
+    pixels = np.stack([load_image(p, size) for p in paths])
+    return np.asarray(module.apply(variables, normalize(pixels, metadata["preprocessing"])))
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory, sample_photos):
+    """Ten real photos (the bundled ones, each twice under another name)."""
+    folder = tmp_path_factory.mktemp("photos")
+    for copy in ("a", "b"):
+        for name, path in sample_photos:
+            shutil.copy(path, folder / f"{copy}_{name}")
+    return folder
+
+
+def test_bad_input_never_stops_the_run(tmp_path, resnet18_weights, sample_photos, capsys):
+    folder = tmp_path / "mixed"
+    expected = write_every_kind(folder, dict(sample_photos)["coffee.png"])
+    out = tmp_path / "features"
+    assert cli.main(["extract", "--weights", str(resnet18_weights), "--images", str(folder),
+                     "--out", str(out), "--image-size", str(SIZE), "--batch-size", "4",
+                     "--quiet"]) == 0
+    good = sorted(name for name, reason in expected.items() if reason is None)
+    bad = sorted(name for name, reason in expected.items() if reason is not None)
+    assert (out / "ids.txt").read_text().splitlines() == good
+    skipped = dict(line.split("\t") for line in (out / "skipped.tsv").read_text().splitlines())
+    assert sorted(skipped) == bad
+    for name in bad:
+        assert expected[name] in skipped[name], name
+    assert f"skipped {len(bad)}" in capsys.readouterr().err
+    features = np.load(out / "features.npy", mmap_mode="r")
+    np.testing.assert_allclose(features, _reference(resnet18_weights, [folder / n for n in good]),
+                               rtol=1e-5, atol=1e-5)
+    assert not [p.name for p in out.iterdir() if "partial" in p.name]
+
+
+def test_batches_split_over_devices_and_last_batch_padded(tmp_path, resnet18_weights, photo_folder):
+    record = extract(resnet18_weights, photo_folder, tmp_path / "f", batch_size=6,
+                     image_size=SIZE, progress=False, log=lambda _: None)
+    assert jax.local_device_count() == 4
+    assert record["settings"]["batch_size"] == 8  # rounded up to a multiple of 4 devices
+    names = (tmp_path / "f" / "ids.txt").read_text().splitlines()
+    assert names == sorted(p.name for p in photo_folder.iterdir())
+    features = np.load(tmp_path / "f" / "features.npy")
+    np.testing.assert_allclose(features, _reference(resnet18_weights,
+                                                    [photo_folder / n for n in names]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, resnet18_weights,
+                                                             photo_folder, monkeypatch):
+    shutil.copytree(photo_folder, tmp_path / "photos")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    names = sorted(p.name for p in photo_folder.iterdir())
+    # An image list, relative to its folder, with a bad and a missing entry mid-way.
+    lines = [f"photos/{n}" for n in names[:5]] + ["broken.jpg", "gone.jpg"] + \
+            [f"photos/{n}" for n in names[5:]]
+    images = tmp_path / "list.txt"
+    images.write_text("\n".join(lines) + "\n")
+    options = dict(batch_size=4, image_size=SIZE, progress=False, log=lambda _: None)
+
+    extract(resnet18_weights, images, tmp_path / "whole", **options)
+
+    commit = extract_module._commit
+    calls = []
+
+    def commit_then_interrupt(*args):
+        commit(*args)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_module, "_commit", commit_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        extract(resnet18_weights, images, tmp_path / "resumed", **options)
+    record = json.loads((tmp_path / "resumed" / "extract.json").read_text())
+    assert record["done"] == 8 and not record["complete"]
+    assert not (tmp_path / "resumed" / "features.npy").exists()
+    monkeypatch.setattr(extract_module, "_commit", commit)
+
+    calls.clear()
+    counting = lambda *args: (calls.append(1), commit(*args))  # noqa: E731
+    monkeypatch.setattr(extract_module, "_commit", counting)
+    extract(resnet18_weights, images, tmp_path / "resumed", **options)
+    assert len(calls) == 1  # only the batch that was not yet written: 12 lines, 4 per batch
+
+    for name in ("features.npy", "ids.txt", "skipped.tsv"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    assert (tmp_path / "whole" / "skipped.tsv").read_text() == \
+        "broken.jpg\tnot a readable image: unknown format or corrupt header\ngone.jpg\tno such file\n"
+
+
+def test_complete_run_is_not_redone_and_other_settings_are_refused(tmp_path, resnet18_weights,
+                                                                   photo_folder, capsys):
+    args = ["extract", "--weights", str(resnet18_weights), "--images", str(photo_folder),
+            "--out", str(tmp_path / "f"), "--image-size", str(SIZE), "--quiet"]
+    assert cli.main(args) == 0
+    before = (tmp_path / "f" / "features.npy").read_bytes()
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert "already complete" in capsys.readouterr().err
+    assert cli.main(args[:-3] + ["--image-size", "96", "--quiet"]) == 2
+    assert "holds features from other images, weights or settings" in capsys.readouterr().err
+    assert (tmp_path / "f" / "features.npy").read_bytes() == before
+
+
+def test_grid_pooling_and_float16_storage(tmp_path, resnet18_weights, photo_folder):
+    extract(resnet18_weights, photo_folder, tmp_path / "f", image_size=128, grid=2,
+            dtype="float16", progress=False, log=lambda _: None)
+    features = np.load(tmp_path / "f" / "features.npy")
+    assert features.shape == (10, 2, 2, 512) and features.dtype == np.float16
+    names = (tmp_path / "f" / "ids.txt").read_text().splitlines()
+    full = _reference(resnet18_weights, [photo_folder / n for n in names], size=128)
+    assert full.shape[1:3] == (4, 4)
+    pooled = full.reshape(10, 2, 2, 2, 2, 512).mean(axis=(2, 4))
+    np.testing.assert_allclose(features.astype(np.float32), pooled, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p, "no such directory or image list"),
+    (lambda p: (p.mkdir(), p)[1], "no image files found"),
+    (lambda p: (p.write_bytes(b"\xff\xfe bad"), p)[1], "not UTF-8 text"),
+])
+def test_unusable_image_arguments_are_clear_errors(tmp_path, resnet18_weights, capsys,
+                                                   make, message):
+    images = make(tmp_path / "images")
+    assert cli.main(["extract", "--weights", str(resnet18_weights), "--images", str(images),
+                     "--out", str(tmp_path / "f")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_weights_folder_that_is_not_one_is_a_clear_error(tmp_path, photo_folder, capsys):
+    assert cli.main(["extract", "--weights", str(tmp_path), "--images", str(photo_folder),
+                     "--out", str(tmp_path / "f")]) == 2
+    assert "is not a directory written by 'jaxcap convert'" in capsys.readouterr().err
