@@ -97,43 +97,32 @@ def read_keras_h5(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return tensors
 
 
-_KERAS_NAME = re.compile(r"^conv([2-5])_block(\d+)_([0-3])_(conv|bn)/(\w+)$")
+_KERAS_NAME = re.compile(r"^conv([2-5])_block(\d+)_([0-3])_(conv|bn)$")
 
 
-def keras_to_tree(tensors: dict[str, np.ndarray]) -> tuple[dict, dict, dict, list[str]]:
-    """Maps Keras names onto jaxcap's tree.
+def _locate_keras(name: str):
+    """'conv3_block2_1_bn/gamma' -> (2, 2, 'bn1', 'gamma'); the stem has stage 0."""
+    layer, weight = name.split("/")
+    if layer in ("conv1_conv", "conv1_bn"):
+        return 0, 0, layer.replace("conv1_", "stem_"), weight
+    match = _KERAS_NAME.match(layer)
+    if not match:
+        return None
+    index, kind = int(match[3]), match[4]
+    module = f"shortcut_{kind}" if index == 0 else f"{kind}{index}"
+    return int(match[1]) - 1, int(match[2]), module, weight
 
-    Returns (tree, blocks per stage, {tree path: source name}, unknown names).
-    """
-    tree: dict = {"params": {}, "batch_stats": {}}
-    origins: dict[str, str] = {}
-    blocks: dict[int, int] = {}
-    unknown = []
-    for name, value in tensors.items():
-        layer, weight = name.split("/")
-        if layer in ("predictions", "probs", "fc1000"):
-            continue  # classification head
-        if layer in ("conv1_conv", "conv1_bn"):
-            module, kind = ("stem_conv", "conv") if layer == "conv1_conv" else ("stem_bn", "bn")
-            prefix = ()
-        else:
-            match = _KERAS_NAME.match(name)
-            if not match:
-                unknown.append(name)
-                continue
-            stage, block, index, kind = int(match[1]) - 1, int(match[2]), int(match[3]), match[4]
-            blocks[stage] = max(blocks.get(stage, 0), block)
-            module = (f"shortcut_{kind}" if index == 0 else f"{kind}{index}")
-            prefix = (f"stage{stage}_block{block}",)
-        if kind == "conv" and weight in ("kernel", "bias"):
-            collection, leaf = "params", weight
-        elif kind == "bn" and weight in _BN_KERAS:
-            collection, leaf = _BN_KERAS[weight]
-        else:
-            unknown.append(name)
-            continue
-        _put(tree, (collection, *prefix, module, leaf), value, name, origins)
-    return tree, blocks, origins, unknown
+
+def _keras_leaf(module: str, weight: str, value: np.ndarray):
+    if "conv" in module:
+        return ("params", weight, value) if weight in ("kernel", "bias") else None
+    return (*_BN_KERAS[weight], value) if weight in _BN_KERAS else None
+
+
+def keras_to_tree(tensors: dict[str, np.ndarray]):
+    """Maps Keras names onto jaxcap's tree (see ``_to_tree``)."""
+    head = lambda name: name.split("/")[0] in ("predictions", "probs", "fc1000")  # noqa: E731
+    return _to_tree(tensors, head, _locate_keras, _keras_leaf)
 
 
 # --------------------------------------------------------------------- torchvision
@@ -167,47 +156,69 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 _TORCH_NAME = re.compile(r"^layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.0|downsample\.1)\.(\w+)$")
+_TORCH_SHORTCUT = {"downsample.0": "shortcut_conv", "downsample.1": "shortcut_bn"}
 
 
-def torch_to_tree(tensors: dict[str, np.ndarray]) -> tuple[dict, dict, dict, list[str]]:
-    """Maps torchvision names onto jaxcap's tree, returning what ``keras_to_tree`` does."""
+def _locate_torch(name: str):
+    """'layer2.0.downsample.1.running_var' -> (2, 1, 'shortcut_bn', 'running_var')."""
+    if name.startswith(("conv1.", "bn1.")) and name.count(".") == 1:
+        layer, weight = name.split(".")
+        return 0, 0, "stem_conv" if layer == "conv1" else "stem_bn", weight
+    match = _TORCH_NAME.match(name)
+    if not match:
+        return None
+    layer = match[3]
+    return int(match[1]), int(match[2]) + 1, _TORCH_SHORTCUT.get(layer, layer), match[4]
+
+
+def _torch_leaf(module: str, weight: str, value: np.ndarray):
+    if "conv" in module:
+        if weight != "weight" or value.ndim != 4:
+            return None
+        return "params", "kernel", value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    return (*_BN_TORCH[weight], value) if weight in _BN_TORCH else None
+
+
+def torch_to_tree(tensors: dict[str, np.ndarray]):
+    """Maps torchvision names onto jaxcap's tree (see ``_to_tree``)."""
     if tensors and all(k.startswith("module.") for k in tensors):
         tensors = {k.removeprefix("module."): v for k, v in tensors.items()}  # DataParallel
+    # A training counter, and the classification head.
+    skip = lambda name: name.endswith("num_batches_tracked") or name.startswith("fc.")  # noqa: E731
+    return _to_tree(tensors, skip, _locate_torch, _torch_leaf)
+
+
+# ------------------------------------------------------------------------- shared
+
+
+def _to_tree(tensors, skip, locate, leaf_for) -> tuple[dict, dict, dict, list[str]]:
+    """Places every source tensor in jaxcap's variable tree.
+
+    ``locate(name)`` gives (stage, block, module, weight), stage 0 for the stem,
+    or None; ``leaf_for(module, weight, value)`` gives (collection, leaf, value)
+    or None. Returns (tree, blocks per stage, {tree path: source name}, names
+    that are not understood).
+    """
     tree: dict = {"params": {}, "batch_stats": {}}
     origins: dict[str, str] = {}
     blocks: dict[int, int] = {}
     unknown = []
     for name, value in tensors.items():
-        if name.endswith("num_batches_tracked") or name.startswith("fc."):
-            continue  # a training counter, and the classification head
-        if name.startswith(("conv1.", "bn1.")):
-            layer, weight = name.split(".")
-            module = "stem_conv" if layer == "conv1" else "stem_bn"
-            prefix = ()
-        else:
-            match = _TORCH_NAME.match(name)
-            if not match:
-                unknown.append(name)
-                continue
-            stage, block, layer, weight = int(match[1]), int(match[2]) + 1, match[3], match[4]
-            blocks[stage] = max(blocks.get(stage, 0), block)
-            module = {"downsample.0": "shortcut_conv", "downsample.1": "shortcut_bn"}.get(layer, layer)
-            prefix = (f"stage{stage}_block{block}",)
-        if "conv" in module:
-            if weight != "weight" or value.ndim != 4:
-                unknown.append(name)
-                continue
-            collection, leaf, value = "params", "kernel", value.transpose(2, 3, 1, 0)  # OIHW->HWIO
-        elif weight in _BN_TORCH:
-            collection, leaf = _BN_TORCH[weight]
-        else:
+        if skip(name):
+            continue
+        place = locate(name)
+        leaf = place and leaf_for(place[2], place[3], value)
+        if not leaf:
             unknown.append(name)
             continue
-        _put(tree, (collection, *prefix, module, leaf), value, name, origins)
+        stage, block, module, _ = place
+        collection, leaf_name, value = leaf
+        prefix = (f"stage{stage}_block{block}",) if stage else ()
+        if stage:
+            blocks[stage] = max(blocks.get(stage, 0), block)
+        _put(tree, (collection, *prefix, module, leaf_name), value, name, origins)
     return tree, blocks, origins, unknown
 
-
-# ------------------------------------------------------------------------- shared
 
 
 def _put(tree: dict, path: tuple[str, ...], value: np.ndarray, source_name: str,

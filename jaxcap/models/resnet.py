@@ -112,44 +112,31 @@ def _conv_bn(x, name: str, bn_name: str, features: int, kernel: int, strides: in
     return nn.relu(x) if relu else x
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-18/34)."""
+class Block(nn.Module):
+    """A residual block: two 3x3 convolutions (ResNet-18/34), or a bottleneck of
+    1x1 reduce, 3x3, 1x1 expand by 4 (ResNet-50/101/152)."""
 
     width: int
     strides: int
+    bottleneck: bool
     spec: VariantSpec
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
         common = dict(spec=self.spec, dtype=self.dtype, train=train)
+        if self.bottleneck:
+            first, second = ((self.strides, 1) if self.spec.stride_on_first_conv
+                             else (1, self.strides))
+            out = self.width * 4
+            y = _conv_bn(x, "conv1", "bn1", self.width, 1, first, **common)
+            y = _conv_bn(y, "conv2", "bn2", self.width, 3, second, **common)
+            y = _conv_bn(y, "conv3", "bn3", out, 1, 1, relu=False, **common)
+        else:
+            out = self.width
+            y = _conv_bn(x, "conv1", "bn1", self.width, 3, self.strides, **common)
+            y = _conv_bn(y, "conv2", "bn2", self.width, 3, 1, relu=False, **common)
         shortcut = x
-        y = _conv_bn(x, "conv1", "bn1", self.width, 3, self.strides, **common)
-        y = _conv_bn(y, "conv2", "bn2", self.width, 3, 1, relu=False, **common)
-        if self.strides != 1 or x.shape[-1] != self.width:
-            shortcut = _conv_bn(x, "shortcut_conv", "shortcut_bn", self.width, 1,
-                                self.strides, relu=False, **common)
-        return nn.relu(y + shortcut)
-
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (ResNet-50/101/152)."""
-
-    width: int
-    strides: int
-    spec: VariantSpec
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        common = dict(spec=self.spec, dtype=self.dtype, train=train)
-        first, second = ((self.strides, 1) if self.spec.stride_on_first_conv
-                         else (1, self.strides))
-        out = self.width * 4
-        shortcut = x
-        y = _conv_bn(x, "conv1", "bn1", self.width, 1, first, **common)
-        y = _conv_bn(y, "conv2", "bn2", self.width, 3, second, **common)
-        y = _conv_bn(y, "conv3", "bn3", out, 1, 1, relu=False, **common)
         if self.strides != 1 or x.shape[-1] != out:
             shortcut = _conv_bn(x, "shortcut_conv", "shortcut_bn", out, 1, self.strides,
                                 relu=False, **common)
@@ -180,7 +167,6 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet stage must be 1..4, got {self.stage}")
         spec = VARIANTS[self.variant]
         sizes, bottleneck = STAGE_SIZES[self.depth]
-        block_cls = Bottleneck if bottleneck else BasicBlock
 
         x = x.astype(self.dtype)
         x = _conv_bn(x, "stem_conv", "stem_bn", 64, 7, 2, spec=spec, dtype=self.dtype,
@@ -189,8 +175,8 @@ class ResNet(nn.Module):
         for stage_index, (blocks, width) in enumerate(zip(sizes[:self.stage], STAGE_WIDTHS)):
             for block_index in range(blocks):
                 strides = 2 if stage_index > 0 and block_index == 0 else 1
-                x = block_cls(width, strides, spec, self.dtype,
-                              name=f"stage{stage_index + 1}_block{block_index + 1}")(x, train)
+                x = Block(width, strides, bottleneck, spec, self.dtype,
+                          name=f"stage{stage_index + 1}_block{block_index + 1}")(x, train)
         if self.grid is not None:
             x = adaptive_avg_pool(x, self.grid)
         return x
