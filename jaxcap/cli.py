@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 
@@ -65,6 +66,32 @@ def _add_extract(subparsers) -> None:
     parser.set_defaults(module="jaxcap.extract")
 
 
+def _add_prepare(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prepare", help="build a captioning dataset (TFDS array_record) and print its splits",
+        description="Build DATASET under --data-dir with tensorflow-datasets (array_record "
+                    "files, no TensorFlow), read back later with tfds.data_source. Flickr8k "
+                    "reads --manual-dir in the official, Kaggle or Karpathy layout; flickr30k and "
+                    "coco read Karpathy's dataset_*.json beside the images; shapes is generated.",
+        epilog="examples:\n"
+               "  jaxcap prepare flickr8k --manual-dir ~/data/Flickr8k --data-dir ~/tensorflow_datasets\n"
+               "  jaxcap prepare coco --manual-dir ~/data/coco --lenient\n"
+               "  jaxcap prepare shapes --num-train 20000",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", choices=("flickr8k", "flickr30k", "coco", "shapes"))
+    parser.add_argument("--manual-dir", help="where the downloaded files are")
+    parser.add_argument("--data-dir", default=os.path.expanduser("~/tensorflow_datasets"),
+                        help="where the built dataset goes (default ~/tensorflow_datasets)")
+    parser.add_argument("--lenient", action="store_true",
+                        help="skip and count data mistakes instead of stopping at the first")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the drawn split when the data has no split lists")
+    shapes = parser.add_argument_group("shapes")
+    for name in ("seed", "image_size", "num_train", "num_val", "num_test", "num_novel"):
+        shapes.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name)
+    parser.set_defaults(module="jaxcap.data.builders")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxcap", description="Image captioning in JAX/Flax: convert ResNet weights, "
@@ -72,17 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(subparsers)
     _add_extract(subparsers)
+    _add_prepare(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from jaxcap.data.glove import GloveError
+    from jaxcap.data.readers import DataError
     from jaxcap.extract import ExtractError
     from jaxcap.models.encoder import WeightsError
 
     try:
         return importlib.import_module(args.module).main(args)
-    except (WeightsError, ExtractError) as error:
+    except (WeightsError, ExtractError, DataError, GloveError) as error:
         print(f"jaxcap {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

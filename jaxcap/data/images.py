@@ -7,6 +7,7 @@ palette, alpha, 16-bit, EXIF rotation); everything else raises
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -28,8 +29,8 @@ class ImageError(Exception):
     """An image file that cannot be turned into pixels; the message is the reason."""
 
 
-def load_image(path: str | os.PathLike, size: int, resize: str = "direct") -> np.ndarray:
-    """Returns ``path`` as an RGB ``(size, size, 3)`` uint8 array.
+def load_image(source: str | os.PathLike | bytes, size: int, resize: str = "direct") -> np.ndarray:
+    """Returns an image file (a path, or its bytes) as an RGB ``(size, size, 3)`` uint8 array.
 
     ``resize``: ``direct`` squashes the whole image to ``size`` x ``size`` (the
     seed's choice: captions describe the whole picture); ``center_crop``
@@ -37,10 +38,14 @@ def load_image(path: str | os.PathLike, size: int, resize: str = "direct") -> np
     """
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
-    if os.path.getsize(path) == 0:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        empty, source = len(source) == 0, io.BytesIO(source)
+    else:
+        empty = os.path.getsize(source) == 0
+    if empty:
         raise ImageError("empty file (0 bytes)")
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             # JPEG can decode at 1/2..1/8 scale for free; keep at least twice
             # the target so that the final resize still antialiases properly.
             image.draft("RGB", (2 * size, 2 * size))

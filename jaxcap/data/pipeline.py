@@ -1,0 +1,184 @@
+"""The input pipeline: grain over a TFDS data source, to fixed-shape host batches.
+
+One split of one dataset becomes, per epoch, a deterministic sequence of
+batches, each a dict of numpy arrays with a leading ``batch_size`` axis:
+
+* ``tokens`` (B, max_length) int32: ``<start> words <end> <pad>...``
+* ``weights`` (B,) float32: 1 for real examples, 0 for the padding that fills
+  the last batch (evaluation never drops data);
+* ``image_index`` (B,) int32: the example's image in the split (-1 on padding);
+* ``features`` (B, H, W, C) from ``jaxcap extract``'s ``features.npy`` joined by
+  image id (memory-mapped, read row by row), or ``image`` (B, S, S, 3) uint8
+  decoded with ``jaxcap.data.images`` (normalisation happens on the device).
+
+Order: a permutation drawn from (seed, epoch), so a run that restarts at epoch
+``e``, batch ``k`` sees exactly the batches it would have seen. Each JAX process
+takes every ``process_count``-th example of that order (multi-host), and all
+processes get the same number of batches. Captions: ``sample`` draws one
+caption per image per epoch (from seed, epoch and image); ``all`` makes every
+caption its own example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from jaxcap.data.images import load_image
+from jaxcap.data.readers import DataError
+from jaxcap.data.text import Vocabulary
+
+CAPTION_MODES = ("sample", "all")
+PADDING = (-1, -1)  # the (image, caption) pair that fills the last batch
+
+
+class FeatureStore:
+    """``features.npy`` + ``ids.txt`` of ``jaxcap extract``, looked up by image id."""
+
+    def __init__(self, features_dir: str | os.PathLike):
+        self.directory = Path(features_dir)
+        try:
+            self.array = np.load(self.directory / "features.npy", mmap_mode="r")
+            names = (self.directory / "ids.txt").read_text(encoding="utf8").splitlines()
+        except (OSError, ValueError) as error:
+            raise DataError(f"{self.directory}: no readable features.npy and ids.txt "
+                            f"(run 'jaxcap extract' first): {error}") from None
+        if len(names) != len(self.array):
+            raise DataError(f"{self.directory}: ids.txt has {len(names)} lines but "
+                            f"features.npy has {len(self.array)} rows")
+        self.rows = {name: row for row, name in enumerate(names)}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:])
+
+    def check(self, image_ids: list[str]) -> None:
+        missing = [i for i in image_ids if i not in self.rows]
+        if missing:
+            raise DataError(f"{self.directory}: no features for {len(missing)} images of the "
+                            f"split, e.g. {missing[:3]}; extract them with 'jaxcap extract'")
+
+    def __getitem__(self, image_id: str) -> np.ndarray:
+        return np.array(self.array[self.rows[image_id]])
+
+
+class SplitIndex:
+    """Image ids and captions of one split, read once (images are read per batch)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.image_ids: list[str] = []
+        self.captions: list[list[str]] = []
+        for i in range(len(source)):
+            record = source[i]
+            self.image_ids.append(_text(record["image_id"]))
+            self.captions.append([_text(c) for c in record["captions"]])
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def _text(value) -> str:
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    batch_size: int
+    max_length: int
+    seed: int = 0
+    captions: str = "sample"
+    shuffle: bool = True
+    drop_remainder: bool = False
+    image_size: int = 224
+    resize: str = "direct"
+    num_threads: int = 8
+    prefetch: int = 64
+    process_index: int = 0
+    process_count: int = 1
+
+
+class EpochExamples:
+    """Random access to the (image, caption) examples of one epoch, in order.
+
+    A grain ``MapDataset`` source: ``__getitem__(k)`` is example ``k`` of this
+    process's shard, already padded to the process's share of whole batches.
+    """
+
+    def __init__(self, index: SplitIndex, options: PipelineOptions, epoch: int):
+        if options.captions not in CAPTION_MODES:
+            raise ValueError(f"captions must be one of {CAPTION_MODES}, got {options.captions!r}")
+        rng = np.random.default_rng([options.seed, epoch])
+        if options.captions == "all":
+            pairs = [(i, c) for i, caps in enumerate(index.captions) for c in range(len(caps))]
+        else:
+            picks = rng.random(len(index))
+            pairs = [(i, int(p * len(caps))) for i, (p, caps) in enumerate(zip(picks, index.captions))]
+        order = rng.permutation(len(pairs)) if options.shuffle else np.arange(len(pairs))
+        # Every process gets the same number of whole batches.
+        per_batch = options.batch_size * options.process_count
+        whole = len(pairs) // per_batch if options.drop_remainder else -(-len(pairs) // per_batch)
+        positions = np.arange(whole * per_batch)[options.process_index::options.process_count]
+        self.pairs = [pairs[order[p]] if p < len(pairs) else PADDING for p in positions]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, k: int):
+        return self.pairs[k]
+
+
+class Batcher:
+    """Turns examples into batches for one split; ``epoch(e)`` iterates one epoch."""
+
+    def __init__(self, source, vocabulary: Vocabulary, options: PipelineOptions,
+                 features: FeatureStore | None = None):
+        self.source = source
+        self.index = SplitIndex(source)
+        self.vocabulary = vocabulary
+        self.options = options
+        self.features = features
+        if features is not None:
+            features.check(self.index.image_ids)
+
+    def num_batches(self, epoch: int = 0) -> int:
+        return len(EpochExamples(self.index, self.options, epoch)) // self.options.batch_size
+
+    def _example(self, pair):
+        image, caption = pair
+        options = self.options
+        if pair == PADDING:
+            tokens = np.zeros(options.max_length, np.int32)
+        else:
+            tokens = self.vocabulary.encode_padded(self.index.captions[image][caption],
+                                                   options.max_length)
+        example = {"tokens": tokens, "weights": np.float32(pair != PADDING),
+                   "image_index": np.int32(image)}
+        if self.features is not None:
+            example["features"] = (np.zeros(self.features.shape, self.features.array.dtype)
+                                   if pair == PADDING else self.features[self.index.image_ids[image]])
+        elif pair == PADDING:
+            example["image"] = np.zeros((options.image_size, options.image_size, 3), np.uint8)
+        else:
+            data = self.source[image]["image"].tobytes()
+            example["image"] = load_image(data, options.image_size, options.resize)
+        return example
+
+    @staticmethod
+    def _stack(examples):
+        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        """Batches of ``epoch`` from ``start_batch`` on (for exact resumption)."""
+        examples = EpochExamples(self.index, self.options, epoch)
+        dataset = (grain.MapDataset.source(examples)
+                   .map(self._example)
+                   .batch(self.options.batch_size, batch_fn=self._stack))
+        dataset = dataset[start_batch:]
+        read = grain.ReadOptions(num_threads=self.options.num_threads,
+                                 prefetch_buffer_size=self.options.prefetch)
+        return iter(dataset.to_iter_dataset(read))

@@ -1,0 +1,90 @@
+"""TFDS builders on dummy data: array_record files read back with tfds.data_source."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxcap import cli
+from jaxcap.data import builders, shapes
+from jaxcap.data.images import load_image
+from jaxcap.data.readers import DataError
+
+DUMMY = Path(__file__).parent / "dummy_data"
+
+
+def _records(split_source):
+    return sorted((split_source[i] for i in range(len(split_source))), key=lambda r: r["image_id"])
+
+
+@pytest.mark.parametrize("layout", ["official", "kaggle", "karpathy_flickr8k"])
+def test_flickr8k_builds_from_every_layout(tmp_path, layout):
+    built = builders.prepare("flickr8k", tmp_path / "data", DUMMY / layout)
+    sizes = builders.split_sizes(built)
+    assert sum(sizes.values()) == 8
+    assert sizes == ({"train": 6, "val": 1, "test": 1} if layout == "kaggle"
+                     else {"train": 5, "val": 2, "test": 1})
+    assert list((tmp_path / "data" / "flickr8k" / "1.0.0").glob("*.array_record-*"))
+    source = tfds.data_source("flickr8k", data_dir=str(tmp_path / "data"),
+                              builder_kwargs=dict(file_format="array_record"))
+    records = _records(source["train"])
+    first = records[0]
+    assert first["image_id"] in (b"1000268201_693b08cb0e.jpg", "1000268201_693b08cb0e.jpg")
+    assert len(first["captions"]) >= 5
+    original = (DUMMY / "official" / "Flicker8k_Dataset" / "1000268201_693b08cb0e.jpg").read_bytes()
+    assert first["image"].tobytes() == original if layout != "kaggle" else True
+    assert load_image(first["image"].tobytes(), 32).shape == (32, 32, 3)
+    assert first["objects"]["box"].shape == (0, 4) and first["grounding"].shape == (0, 0)
+    if layout == "kaggle":
+        assert built.info.metadata["split_seed"] == 0
+        assert sorted(built.info.metadata["drawn_split"]["val"]) == \
+            sorted(r["image_id"].decode() for r in _records(source["val"]))
+
+
+def test_karpathy_coco_builds(tmp_path):
+    built = builders.prepare("coco", tmp_path / "data", DUMMY / "karpathy_coco")
+    assert builders.split_sizes(built) == {"train": 4, "val": 2, "test": 2}
+
+
+def test_unusable_image_is_an_error_in_strict_mode_and_skipped_in_lenient(tmp_path):
+    root = Path(shutil.copytree(DUMMY / "official", tmp_path / "official"))
+    (root / "Flicker8k_Dataset" / "1001773457_577c3a7d70.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage")
+    with pytest.raises(DataError, match="1001773457_577c3a7d70.jpg: unusable image"):
+        builders.prepare("flickr8k", tmp_path / "strict", root)
+    built = builders.prepare("flickr8k", tmp_path / "lenient", root, strict=False)
+    assert builders.split_sizes(built)["train"] == 4
+
+
+def test_shapes_builds_with_grounding_and_novel_split(tmp_path):
+    spec = shapes.ShapesSpec(seed=2, image_size=64, num_train=12, num_val=4, num_test=4, num_novel=6)
+    built = builders.prepare("shapes", tmp_path / "data", spec=spec)
+    assert builders.split_sizes(built) == {"train": 12, "val": 4, "test": 4, "novel": 6}
+    assert built.info.metadata["held_out_pairs"] == [list(p) for p in shapes.held_out_pairs(spec)] \
+        or built.info.metadata["held_out_pairs"] == shapes.held_out_pairs(spec)
+    records = _records(built.as_data_source()["novel"])
+    scene = shapes.scene(spec, "novel", 0)
+    record = records[0]
+    assert [c.decode() for c in record["captions"]] == scene.captions
+    np.testing.assert_allclose(record["objects"]["box"], [o["box"] for o in scene.objects], rtol=1e-6)
+    for row, words in zip(record["grounding"], scene.grounding):
+        assert list(row[: len(words)]) == words and (row[len(words):] == builders.GROUNDING_PAD).all()
+    pixels = load_image(record["image"].tobytes(), 64)
+    assert np.abs(pixels.astype(int) - scene.image).mean() < 8  # JPEG of the drawn, noisy scene
+
+
+def test_prepare_command_prints_split_sizes(tmp_path, capsys):
+    assert cli.main(["prepare", "flickr8k", "--manual-dir", str(DUMMY / "official"),
+                     "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert "train        5 images" in out.out and "val          2 images" in out.out
+    assert "dropped 1 captions without an image" in out.err
+
+
+def test_prepare_command_reports_data_mistakes_without_traceback(tmp_path, capsys):
+    root = Path(shutil.copytree(DUMMY / "official", tmp_path / "official"))
+    (root / "Flickr8k.token.txt").write_text("no tab on this line\n")
+    assert cli.main(["prepare", "flickr8k", "--manual-dir", str(root),
+                     "--data-dir", str(tmp_path / "data")]) == 2
+    assert "Flickr8k.token.txt:1: no tab between the key and the caption" in capsys.readouterr().err

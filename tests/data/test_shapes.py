@@ -1,0 +1,104 @@
+"""The shapes dataset: captions agree with the pixels, grounding, splits, determinism."""
+
+import numpy as np
+import pytest
+
+from jaxcap.data import readers, shapes
+from jaxcap.data.text import words
+
+SPEC = shapes.ShapesSpec(seed=5, num_train=150, num_val=20, num_test=20, num_novel=40)
+
+
+@pytest.fixture(scope="module")
+def all_scenes():
+    return {split: list(shapes.scenes(SPEC, split)) for split in shapes.SPLITS}
+
+
+def _nearest_colour(pixel):
+    names = list(shapes.COLOURS)
+    distances = [np.abs(np.asarray(shapes.COLOURS[n]) - pixel).sum() for n in names]
+    return names[int(np.argmin(distances))], min(distances)
+
+
+def test_drawn_colours_and_positions_match_the_objects(all_scenes):
+    size = SPEC.image_size
+    for scene in all_scenes["train"]:
+        assert scene.image.shape == (size, size, 3) and scene.image.dtype == np.uint8
+        for obj in scene.objects:
+            ymin, xmin, ymax, xmax = np.asarray(obj["box"]) * size
+            cy, cx = int((ymin + ymax) / 2), int((xmin + xmax) / 2)
+            patch = scene.image[cy - 1: cy + 2, cx - 1: cx + 2].reshape(-1, 3).mean(axis=0)
+            colour, distance = _nearest_colour(patch)
+            assert colour == obj["colour"] and distance < 90, (scene.image_id, obj, patch)
+            # Outside the box, a few pixels away, is background: not the object's colour.
+            if xmin > 4:
+                outside = scene.image[cy, int(xmin) - 3].astype(int)
+                assert np.abs(outside - shapes.COLOURS[obj["colour"]]).sum() > 60
+
+
+def test_captions_name_the_objects_and_their_relations(all_scenes):
+    for scene in all_scenes["train"] + all_scenes["novel"]:
+        assert len(scene.captions) == SPEC.captions_per_image
+        assert len(set(scene.captions)) == len(scene.captions)
+        for caption, grounding in zip(scene.captions, scene.grounding):
+            tokens = words(caption)
+            assert tokens == caption.split() and len(tokens) == len(grounding)
+            for word, target in zip(tokens, grounding):
+                if target >= 0:
+                    obj = scene.objects[target]
+                    assert word in (obj["colour"], obj["shape"], obj["size"]), (caption, word, obj)
+                else:
+                    assert word not in shapes.COLOURS
+            centre_x = [(o["box"][1] + o["box"][3]) / 2 for o in scene.objects]
+            centre_y = [(o["box"][0] + o["box"][2]) / 2 for o in scene.objects]
+            targets = [g for g in grounding if g >= 0]
+            if " to the left of " in caption:
+                first, second = targets[0], targets[len(targets) // 2 if len(scene.objects) == 2 else 2]
+                assert centre_x[first] < centre_x[second], caption
+            if " to the right of " in caption:
+                assert centre_x[targets[0]] > centre_x[targets[-1]], caption
+            if " above " in caption:
+                others = {t for t in targets if t != targets[0]}
+                assert centre_y[targets[0]] + 0.1 < min(centre_y[t] for t in others), caption
+            count = {1: "one", 2: "two", 3: "three"}[len(scene.objects)]
+            if caption.startswith(("two shapes", "three shapes")):
+                assert caption.split()[0] == count
+
+
+def test_novel_split_holds_the_only_held_out_pairs(all_scenes):
+    held = set(shapes.held_out_pairs(SPEC))
+    assert len(held) == 4
+    assert len({c for c, _ in held}) == 4 and len({s for _, s in held}) == 4
+    for split in ("train", "val", "test"):
+        for scene in all_scenes[split]:
+            assert not {(o["colour"], o["shape"]) for o in scene.objects} & held
+    for scene in all_scenes["novel"]:
+        assert {(o["colour"], o["shape"]) for o in scene.objects} & held
+    seen = {(o["colour"], o["shape"]) for s in all_scenes["train"] for o in s.objects}
+    assert {c for c, _ in seen} == set(shapes.COLOURS) and {s for _, s in seen} == set(shapes.SHAPES)
+
+
+def test_variety_of_counts_sizes_and_templates(all_scenes):
+    train = all_scenes["train"]
+    assert {len(s.objects) for s in train} == {1, 2, 3}
+    assert {o["size"] for s in train for o in s.objects} == {"small", "large"}
+    openings = {" ".join(c.split()[:2]) for s in train for c in s.captions}
+    assert len(openings) > 20
+
+
+def test_deterministic_from_the_seed():
+    a = shapes.scene(SPEC, "val", 3)
+    b = shapes.scene(SPEC, "val", 3)
+    assert np.array_equal(a.image, b.image) and a.captions == b.captions
+    other = shapes.scene(shapes.ShapesSpec(seed=6), "val", 3)
+    assert not np.array_equal(a.image, other.image)
+
+
+def test_export_to_the_official_flickr8k_layout(tmp_path):
+    spec = shapes.ShapesSpec(seed=1, num_train=6, num_val=2, num_test=2, num_novel=2)
+    shapes.export_flickr8k_layout(spec, tmp_path)
+    result = readers.read(tmp_path)
+    assert result.layout == "official"
+    assert result.sizes() == {"train": 6, "val": 2, "test": 2}
+    assert (tmp_path / "Flickr_8k.novelImages.txt").read_text().count("\n") == 2
+    assert result.splits["train"][0].captions == shapes.scene(spec, "train", 0).captions
