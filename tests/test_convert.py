@@ -1,11 +1,8 @@
 """Weight conversion: parity with the real peers, the file layouts, and every error."""
 
-import functools
 import hashlib
-import http.server
 import os
 import shutil
-import threading
 
 import h5py
 import numpy as np
@@ -271,20 +268,6 @@ def test_torch_missing_and_misshaped_tensors_are_named(tmp_path):
 
 
 # ------------------------------------------------------------------------- download
-
-
-@pytest.fixture
-def loopback_server(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def test_download_checksum_mismatch_leaves_nothing(tmp_path, loopback_server, capsys):

@@ -25,6 +25,7 @@ import concurrent.futures
 import dataclasses
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -138,18 +139,32 @@ class Flickr8k(_CaptionBuilder, skip_registration=True):
         "manual dir and internet, the official archives are downloaded.")
 
     def _split_generators(self, dl_manager):
-        manual = Path(dl_manager.manual_dir) if dl_manager.manual_dir else None
-        if manual is not None and manual.is_dir() and any(manual.iterdir()):
-            root = manual
-        else:
-            extracted = dl_manager.download_and_extract(FLICKR8K_ARCHIVES)
-            root = Path(os.fspath(extracted["images"])).parent
-            for part in extracted.values():  # both archives side by side for the reader
-                for child in Path(os.fspath(part)).iterdir():
-                    target = root / child.name
-                    if not target.exists():
-                        target.symlink_to(child)
+        try:
+            root = Path(dl_manager.manual_dir)
+        except AssertionError:  # TFDS's way of saying the manual dir is absent or empty
+            archives = dl_manager.download(FLICKR8K_ARCHIVES)
+            root = Path(os.fspath(dl_manager.download_dir)) / "flickr8k_official"
+            for archive in archives.values():
+                _extract_zip(Path(os.fspath(archive)), root)
         return self._from_reader(readers.read(root, strict=self.strict, seed=self.split_seed))
+
+
+def _extract_zip(archive: Path, target: Path) -> None:
+    """Extracts ``archive`` into ``target`` (TFDS's extractor needs TensorFlow).
+
+    Members that would land outside ``target`` are refused; a finished
+    extraction leaves a marker, so an interrupted one is redone.
+    """
+    marker = target / f".{archive.name}.extracted"
+    if marker.exists():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as bundle:
+        for member in bundle.namelist():
+            if not (target / member).resolve().is_relative_to(target.resolve()):
+                raise readers.DataError(f"{archive}: member {member!r} escapes the folder")
+        bundle.extractall(target)
+    marker.touch()
 
 
 class KarpathyCaptions(_CaptionBuilder, skip_registration=True):

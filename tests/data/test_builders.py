@@ -1,6 +1,7 @@
 """TFDS builders on dummy data: array_record files read back with tfds.data_source."""
 
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,18 @@ def test_prepare_command_reports_data_mistakes_without_traceback(tmp_path, capsy
     assert cli.main(["prepare", "flickr8k", "--manual-dir", str(root),
                      "--data-dir", str(tmp_path / "data")]) == 2
     assert "Flickr8k.token.txt:1: no tab between the key and the caption" in capsys.readouterr().err
+
+
+def test_flickr8k_downloads_the_official_archives_without_a_manual_dir(tmp_path, loopback_server,
+                                                                      monkeypatch):
+    served, base = loopback_server
+    with zipfile.ZipFile(served / "Flickr8k_Dataset.zip", "w") as bundle:
+        for image in (DUMMY / "official" / "Flicker8k_Dataset").iterdir():
+            bundle.write(image, f"Flicker8k_Dataset/{image.name}")
+    with zipfile.ZipFile(served / "Flickr8k_text.zip", "w") as bundle:
+        for text in (DUMMY / "official").glob("*.txt"):
+            bundle.write(text, text.name)
+    monkeypatch.setitem(builders.FLICKR8K_ARCHIVES, "images", f"{base}/Flickr8k_Dataset.zip")
+    monkeypatch.setitem(builders.FLICKR8K_ARCHIVES, "text", f"{base}/Flickr8k_text.zip")
+    built = builders.prepare("flickr8k", tmp_path / "data")
+    assert builders.split_sizes(built) == {"train": 5, "val": 2, "test": 1}
