@@ -108,3 +108,64 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
                 module.bias.copy_(torch.randn(size, generator=generator) * 0.1)
                 module.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
                 module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+
+
+class TutorialDecoder(nn.Module):
+    """Show, Attend and Tell's decoder as the best-known PyTorch tutorial writes it.
+
+    Captions are sorted by length and each step runs only on the captions still
+    going (the batch shrinks). With ``hoist=False`` the encoder-side attention
+    projection is recomputed at every step, as the tutorial does; with
+    ``hoist=True`` it is computed once per image, as jaxcap does.
+    """
+
+    def __init__(self, vocab_size, feature_dim=2048, embed_dim=50, hidden_dim=512,
+                 attention_dim=512, dropout=0.5, hoist=False):
+        super().__init__()
+        self.hoist = hoist
+        self.encoder_att = nn.Linear(feature_dim, attention_dim)
+        self.decoder_att = nn.Linear(hidden_dim, attention_dim)
+        self.full_att = nn.Linear(attention_dim, 1)
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.lstm = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
+        self.init_h = nn.Linear(feature_dim, hidden_dim)
+        self.init_c = nn.Linear(feature_dim, hidden_dim)
+        self.f_beta = nn.Linear(hidden_dim, feature_dim)
+        self.fc = nn.Linear(hidden_dim, vocab_size)
+
+    def forward(self, features, captions, lengths):
+        batch = features.size(0)
+        features = features.reshape(batch, -1, features.size(-1))
+        lengths, order = lengths.sort(descending=True)
+        features, captions = features[order], captions[order]
+        embeddings = self.embedding(captions)
+        mean = features.mean(dim=1)
+        h, c = self.init_h(mean), self.init_c(mean)
+        decode_lengths = (lengths - 1).tolist()
+        steps = max(decode_lengths)
+        scores = features.new_zeros(batch, steps, self.fc.out_features)
+        alphas = features.new_zeros(batch, steps, features.size(1))
+        projected = self.encoder_att(features) if self.hoist else None
+        for t in range(steps):
+            n = sum(length > t for length in decode_lengths)
+            att1 = projected[:n] if self.hoist else self.encoder_att(features[:n])
+            att = self.full_att(torch.relu(att1 + self.decoder_att(h[:n]).unsqueeze(1))).squeeze(2)
+            alpha = torch.softmax(att, dim=1)
+            context = (features[:n] * alpha.unsqueeze(2)).sum(dim=1)
+            context = torch.sigmoid(self.f_beta(h[:n])) * context
+            h, c = self.lstm(torch.cat([embeddings[:n, t], context], dim=1), (h[:n], c[:n]))
+            scores[:n, t] = self.fc(self.dropout(h))
+            alphas[:n, t] = alpha
+        return scores, captions, decode_lengths, alphas
+
+
+def tutorial_loss(scores, captions, decode_lengths, alphas, alpha_c=1.0):
+    """Cross-entropy over the real tokens plus the doubly stochastic penalty."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    targets = captions[:, 1:]
+    packed_scores = pack_padded_sequence(scores, decode_lengths, batch_first=True).data
+    packed_targets = pack_padded_sequence(targets, decode_lengths, batch_first=True).data
+    loss = nn.functional.cross_entropy(packed_scores, packed_targets)
+    return loss + alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).mean()

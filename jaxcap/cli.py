@@ -92,6 +92,25 @@ def _add_prepare(subparsers) -> None:
     parser.set_defaults(module="jaxcap.data.builders")
 
 
+def _add_train(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a captioner (pmapped Adam, Orbax checkpoints; resumes)",
+        description="Train the attention-LSTM captioner described by CONFIG into WORKDIR. "
+                    "CONFIG is a built-in name (shapes, flickr8k, coco) or a Python file whose "
+                    "get_config() returns an ml_collections.ConfigDict; override any key with "
+                    "--config.KEY=VALUE. Rerun the same command to resume.",
+        epilog="examples:\n"
+               "  jaxcap train --config shapes --workdir runs/shapes\n"
+               "  jaxcap train --config flickr8k --workdir runs/f8k "
+               "--config.encoder.weights=weights/keras --config.dataset.manual_dir=~/Flickr8k",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="shapes", help="built-in name or config file")
+    parser.add_argument("--workdir", required=True, help="the run directory")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (multi-host TPU pods)")
+    parser.set_defaults(module="jaxcap.train")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxcap", description="Image captioning in JAX/Flax: convert ResNet weights, "
@@ -100,19 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(subparsers)
     _add_extract(subparsers)
     _add_prepare(subparsers)
+    _add_train(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --config.KEY=VALUE overrides are not argparse options: set them aside first.
+    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    args.overrides = overrides
+    from jaxcap.configs import ConfigError
     from jaxcap.data.glove import GloveError
     from jaxcap.data.readers import DataError
     from jaxcap.extract import ExtractError
     from jaxcap.models.encoder import WeightsError
+    from jaxcap.train import TrainingError
 
     try:
         return importlib.import_module(args.module).main(args)
-    except (WeightsError, ExtractError, DataError, GloveError) as error:
+    except (WeightsError, ExtractError, DataError, GloveError, ConfigError,
+            TrainingError) as error:
         print(f"jaxcap {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

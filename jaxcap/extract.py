@@ -89,9 +89,10 @@ def make_feature_fn(module, variables, style: str, out_dtype, devices):
     return run
 
 
-def _decode(path: Path, image_size: int, resize: str):
+def _decode(source, image_size: int, resize: str):
+    """``source``: a path, or a function returning the file's bytes (a dataset record)."""
     try:
-        return load_image(path, image_size, resize), None
+        return load_image(source() if callable(source) else source, image_size, resize), None
     except FileNotFoundError:
         return None, "no such file"
     except ImageError as error:
@@ -108,11 +109,21 @@ def extract(weights: str | os.PathLike, images: str | os.PathLike, out: str | os
             batch_size: int = 32, image_size: int = 224, grid: int | None = None,
             stage: int = 4, resize: str = "direct", dtype: str = "float32",
             workers: int | None = None, progress: bool = True, log=print) -> dict:
-    """Extracts features of ``images`` into ``out``; returns the summary record."""
+    """Extracts features of ``images`` (a folder or list file) into ``out``."""
+    return extract_entries(weights, list_images(images), out, batch_size=batch_size,
+                           image_size=image_size, grid=grid, stage=stage, resize=resize,
+                           dtype=dtype, workers=workers, progress=progress, log=log)
+
+
+def extract_entries(weights: str | os.PathLike, entries: list, out: str | os.PathLike,
+                    batch_size: int = 32, image_size: int = 224, grid: int | None = None,
+                    stage: int = 4, resize: str = "direct", dtype: str = "float32",
+                    workers: int | None = None, progress: bool = True, log=print) -> dict:
+    """Extracts features of ``entries``, ``(name, path or bytes-returning function)``
+    pairs, into ``out``; returns the summary record (see the module's docstring)."""
     if dtype not in DTYPES:
         raise ExtractError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    entries = list_images(images)
     metadata, variables = load_encoder(weights)
     devices = jax.local_devices()
     # Every device gets the same share of every batch.

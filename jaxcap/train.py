@@ -1,0 +1,633 @@
+"""Training: ``train_and_evaluate(config, workdir)`` and the ``jaxcap train`` command.
+
+The loop, top to bottom:
+
+1. The run directory gets everything needed to caption with it later:
+   ``config.json``, ``vocabulary.json`` (built from the training captions),
+   ``encoder/`` (converted or randomly initialised ResNet weights).
+2. The dataset is built through TFDS if it is not yet (``shapes`` is generated),
+   and in ``features`` mode its images go through ``jaxcap extract`` once, into
+   a cache keyed by the encoder.
+3. ``jax.pmap`` runs the train step on every local device (``axis_name='batch'``):
+   masked token cross-entropy plus the doubly stochastic attention penalty,
+   gradients summed over devices with the loss normalised by the *global*
+   token count (so 4 devices give exactly the update of 1 device on the whole
+   batch), Optax Adam with global-norm clipping and a schedule, a dropout RNG
+   per device and step, the state donated.
+4. Orbax checkpoints every ``checkpoint_every_steps`` and at each epoch end
+   (keeping the last ``keep_checkpoints``, asynchronously) and the best by
+   validation BLEU-4 in ``best/``. A restarted run restores the latest
+   readable checkpoint and continues with the same data order and RNG, so its
+   losses equal those of a run that never stopped.
+5. Each epoch: validation loss and greedy BLEU-4; the learning rate is cut on a
+   BLEU-4 plateau and training stops early when it stalls.
+6. A NaN or Inf loss stops the run with a message; the bad update is never
+   applied, so no checkpoint of a bad state can be written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import flax
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from jaxcap import configs
+from jaxcap.convert import init_weights
+from jaxcap.data import builders, glove, shapes
+from jaxcap.data.pipeline import Batcher, FeatureStore, PipelineOptions, SplitIndex
+from jaxcap.data.text import PAD_ID, Vocabulary
+from jaxcap.decode import greedy
+from jaxcap.evaluate import bleu
+from jaxcap.extract import extract_entries
+from jaxcap.models.captioner import Captioner
+from jaxcap.models.decoder import CaptionDecoder
+from jaxcap.models.encoder import build_encoder, load_encoder, read_metadata
+from jaxcap.models.resnet import output_channels
+
+# Config sections that define the model and its data: a resumed run must not change them.
+MODEL_KEYS = ("decoder", "encoder.weights", "encoder.init_depth", "encoder.init_variant",
+              "encoder.stage", "encoder.grid", "encoder.image_size", "encoder.resize",
+              "encoder.mode", "encoder.finetune", "text", "glove", "dataset.name",
+              "dataset.shapes", "seed")
+
+
+class TrainingError(Exception):
+    """A run that cannot go on; the message says why and what to do."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jnp.ndarray
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    lr_scale: jnp.ndarray  # cut on a validation plateau
+    nonfinite: jnp.ndarray  # a NaN/Inf loss was seen; that update was not applied
+
+
+# ----------------------------------------------------------------------- the run dir
+
+
+def _lookup(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _write_or_check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    path = workdir / "config.json"
+    current = json.loads(config.to_json_best_effort())
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = [key for key in MODEL_KEYS if _lookup(saved, key) != _lookup(current, key)]
+        if changed:
+            details = "; ".join(f"{k}: {_lookup(saved, k)!r} -> {_lookup(current, k)!r}"
+                                for k in changed)
+            raise TrainingError(f"{workdir} holds a run with another model config ({details}). "
+                                "Use a new --workdir, or the original values, to resume.")
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
+def _prepare_encoder(config, workdir: Path) -> Path:
+    """``workdir/encoder``: the converted weights copied in, or random ones made there."""
+    target = workdir / "encoder"
+    if target.exists():
+        return target
+    if config.encoder.weights:
+        read_metadata(config.encoder.weights)  # a clear error for a wrong directory
+        staging = workdir / ".encoder.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(Path(config.encoder.weights).expanduser(), staging)
+        os.replace(staging, target)
+    else:
+        init_weights(target, config.encoder.init_depth, config.encoder.init_variant,
+                     seed=config.seed, log=lambda m: print(m, file=sys.stderr))
+    return target
+
+
+def _shapes_spec(config) -> shapes.ShapesSpec | None:
+    if config.dataset.name != "shapes":
+        return None
+    return shapes.ShapesSpec(**config.dataset.shapes.to_dict())
+
+
+def _data_dir(config) -> Path:
+    return Path(os.path.expanduser(config.dataset.data_dir)).absolute()
+
+
+def _dataset(config):
+    built = builders.prepare(config.dataset.name, _data_dir(config),
+                             config.dataset.manual_dir or None, spec=_shapes_spec(config),
+                             strict=config.dataset.strict, split_seed=config.dataset.split_seed)
+    return built
+
+
+def _features_dir(config, built, encoder_dir: Path, split: str) -> Path:
+    if config.encoder.features_dir:
+        return Path(os.path.expanduser(config.encoder.features_dir)) / split
+    metadata = read_metadata(encoder_dir)
+    key = hashlib.sha256(json.dumps([metadata, config.encoder.stage, config.encoder.grid,
+                                     config.encoder.image_size, config.encoder.resize],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    return (_data_dir(config) / "jaxcap_features" / config.dataset.name /
+            built.builder_config.name / f"encoder-{key}" / split) if built.builder_config else (
+        _data_dir(config) / "jaxcap_features" / config.dataset.name / f"encoder-{key}" / split)
+
+
+def prepare_features(config, built, encoder_dir: Path, split: str) -> FeatureStore:
+    """Features of ``split``, extracted once (resumably) and cached by encoder."""
+    out = _features_dir(config, built, encoder_dir, split)
+    source = built.as_data_source(split)
+    index = SplitIndex(source)
+    entries = [(image_id, functools.partial(_image_bytes, source, i))
+               for i, image_id in enumerate(index.image_ids)]
+    extract_entries(encoder_dir, entries, out, batch_size=config.encoder.extract_batch_size,
+                    image_size=config.encoder.image_size, grid=config.encoder.grid or None,
+                    stage=config.encoder.stage, resize=config.encoder.resize,
+                    progress=False, log=lambda m: print(m, file=sys.stderr))
+    return FeatureStore(out)
+
+
+def _image_bytes(source, index: int) -> bytes:
+    return source[index]["image"].tobytes()
+
+
+# ------------------------------------------------------------------------- model
+
+
+def make_model(config, vocab_size: int, encoder_metadata: dict) -> Captioner:
+    dtype = jnp.dtype(config.dtype)
+    feature_dim = output_channels(encoder_metadata["depth"], config.encoder.stage)
+    decoder = CaptionDecoder(vocab_size=vocab_size, feature_dim=feature_dim,
+                             embed_dim=config.decoder.embed_dim,
+                             hidden_dim=config.decoder.hidden_dim,
+                             attention_dim=config.decoder.attention_dim,
+                             variant=config.decoder.variant,
+                             dropout_rate=config.decoder.dropout, dtype=dtype)
+    encoder = None
+    if config.encoder.mode == "end_to_end":
+        encoder = build_encoder(encoder_metadata, stage=config.encoder.stage,
+                                grid=config.encoder.grid or None, dtype=dtype)
+    elif config.encoder.mode != "features":
+        raise TrainingError(f"encoder.mode must be features or end_to_end, "
+                            f"got {config.encoder.mode!r}")
+    return Captioner(decoder, encoder, encoder_metadata["preprocessing"],
+                     finetune_encoder=config.encoder.finetune)
+
+
+def learning_rate_schedule(config, total_steps: int):
+    base = config.learning_rate
+    warmup = max(1, min(config.warmup_steps, total_steps))
+    if config.schedule == "constant":
+        return optax.constant_schedule(base)
+    if config.schedule == "warmup":
+        return optax.join_schedules([optax.linear_schedule(0.0, base, warmup),
+                                     optax.constant_schedule(base)], [warmup])
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, base, warmup, max(total_steps, warmup + 1))
+    raise TrainingError(f"schedule must be constant, warmup or cosine, got {config.schedule!r}")
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
+    """Adam with clipping; frozen parts (GloVe embeddings, a fixed encoder) get no update."""
+    def label(params):
+        def label_of(path, _):
+            names = [getattr(p, "key", "") for p in path]
+            frozen = (names[:1] == ["encoder"] and not config.encoder.finetune) or (
+                names[:3] == ["decoder", "embed", "embedding"] and config.glove.freeze)
+            return "frozen" if frozen else "trained"
+        return jax.tree_util.tree_map_with_path(label_of, params)
+
+    trained = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optax.scale_by_adam(),
+                          optax.scale_by_learning_rate(schedule))
+    return optax.multi_transform({"trained": trained, "frozen": optax.set_to_zero()}, label)
+
+
+def init_state(model: Captioner, config, inputs_shape, embedding: np.ndarray,
+               encoder_variables: dict | None, tx) -> TrainState:
+    tokens = jnp.zeros((1, config.text.max_length - 1), jnp.int32)
+    inputs = jnp.zeros((1, *inputs_shape), jnp.uint8 if model.encoder is not None else jnp.float32)
+    rngs = {"params": jax.random.PRNGKey(config.seed), "dropout": jax.random.PRNGKey(0)}
+    variables = jax.jit(lambda: model.init(rngs, inputs, tokens))()
+    params = flax.core.unfreeze(variables["params"])
+    params["decoder"]["embed"]["embedding"] = jnp.asarray(embedding)
+    batch_stats = {}
+    if encoder_variables is not None:
+        params["encoder"] = encoder_variables["params"]
+        batch_stats = {"encoder": encoder_variables["batch_stats"]}
+    return TrainState(step=jnp.asarray(0, jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), lr_scale=jnp.asarray(1.0, jnp.float32),
+                      nonfinite=jnp.asarray(False))
+
+
+# --------------------------------------------------------------------- the steps
+
+
+def _inputs(batch):
+    return batch["features"] if "features" in batch else batch["image"]
+
+
+def loss_terms(model: Captioner, variables, batch, alpha_c: float, label_smoothing: float,
+               train: bool, rng=None):
+    """Sums over this device's share: (cross-entropy, penalty, tokens, examples)."""
+    tokens = batch["tokens"]
+    targets = tokens[:, 1:]
+    weights = batch["weights"]
+    logits, alphas = model.apply(variables, _inputs(batch), tokens[:, :-1], train=train,
+                                 rngs={"dropout": rng} if train else {})
+    mask = (targets != PAD_ID).astype(jnp.float32) * weights[:, None]
+    if label_smoothing:
+        labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
+        ce = optax.softmax_cross_entropy(logits, labels)
+    else:
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    attention_mass = jnp.einsum("btp,bt->bp", alphas, (mask > 0).astype(alphas.dtype))
+    penalty = jnp.sum(weights * jnp.mean((1.0 - attention_mass) ** 2, axis=-1))
+    return jnp.sum(ce * mask), alpha_c * penalty, jnp.sum(mask), jnp.sum(weights)
+
+
+def train_step(state: TrainState, batch, base_rng, *, model, tx, alpha_c, label_smoothing):
+    rng = jax.random.fold_in(jax.random.fold_in(base_rng, state.step),
+                             jax.lax.axis_index("batch"))
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        ce, penalty, n_tokens, n_examples = loss_terms(model, variables, batch, alpha_c,
+                                                       label_smoothing, True, rng)
+        # Normalised by global counts, so that summing the devices' gradients gives
+        # exactly the gradient of the whole batch's loss.
+        total_tokens = jax.lax.stop_gradient(jax.lax.psum(n_tokens, "batch"))
+        total_examples = jax.lax.stop_gradient(jax.lax.psum(n_examples, "batch"))
+        loss = ce / total_tokens + penalty / total_examples
+        return loss, (ce / total_tokens, penalty / total_examples)
+
+    grads, (ce, penalty) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.psum(grads, "batch")
+    ce, penalty = jax.lax.psum(ce, "batch"), jax.lax.psum(penalty, "batch")
+    loss = ce + penalty
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state)
+    keep = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    state = keep.replace(step=state.step + 1, nonfinite=state.nonfinite | ~finite)
+    return state, {"loss": loss, "ce": ce, "penalty": penalty}
+
+
+def eval_step(state: TrainState, batch, *, model, alpha_c):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    ce, penalty, n_tokens, n_examples = loss_terms(model, variables, batch, alpha_c, 0.0, False)
+    return jax.lax.psum({"ce": ce, "penalty": penalty, "tokens": n_tokens,
+                         "examples": n_examples}, "batch")
+
+
+def _shard(batch, devices: int):
+    return jax.tree.map(lambda x: x.reshape(devices, x.shape[0] // devices, *x.shape[1:]), batch)
+
+
+# -------------------------------------------------------------------- checkpoints
+
+
+class Checkpoints:
+    """The last ``keep`` checkpoints and the best by val BLEU-4, with the loop's progress."""
+
+    def __init__(self, workdir: Path, keep: int):
+        self.workdir = workdir
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=options)
+        best = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_mode="max",
+                                            best_fn=lambda metrics: metrics["bleu4"])
+        self.best = ocp.CheckpointManager(workdir / "best", options=best)
+
+    @staticmethod
+    def _args(state, progress):
+        return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  progress=ocp.args.JsonSave(progress))
+
+    @staticmethod
+    def _replace(manager, step: int) -> None:
+        """A resumed run reaches again steps that a stopped one saved: the new one wins."""
+        if step in manager.all_steps():
+            manager.wait_until_finished()
+            manager.delete(step)
+
+    def save(self, state: TrainState, progress: dict) -> None:
+        step = int(state.step)
+        self._replace(self.latest, step)
+        self.latest.save(step, args=self._args(state, progress), force=True)
+
+    def save_best(self, state: TrainState, progress: dict, bleu4: float) -> None:
+        step = int(state.step)
+        self._replace(self.best, step)
+        self.best.save(step, args=self._args(state, progress), force=True,
+                       metrics={"bleu4": bleu4})
+
+    def restore_latest(self, abstract: TrainState):
+        """The newest readable checkpoint, or None.
+
+        An unreadable one is moved to ``unreadable_checkpoints/`` (kept for a
+        post-mortem, out of the way of the steps the run will save again).
+        """
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                restored = self.latest.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
+                return restored["state"], restored["progress"]
+            except Exception as error:  # Orbax raises many kinds for a damaged checkpoint
+                aside = self.workdir / "unreadable_checkpoints" / f"{step}-{int(time.time())}"
+                warnings.warn(f"checkpoint {step} in {self.latest.directory} is unreadable "
+                              f"({type(error).__name__}: {error}); moved to {aside}, "
+                              "trying the previous one")
+                aside.parent.mkdir(exist_ok=True)
+                shutil.move(str(Path(self.latest.directory) / str(step)), aside)
+                self.latest.reload()
+        return None
+
+    def close(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+        self.latest.close()
+        self.best.close()
+
+
+# -------------------------------------------------------------------------- logs
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (and TensorBoard events when tensorboardX is installed)."""
+
+    def __init__(self, workdir: Path, resume_step: int, evaluated_epochs: int):
+        self.path = workdir / "metrics.jsonl"
+        if self.path.exists():  # drop what a stopped run logged after its last checkpoint
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and
+                    self._keep(json.loads(line), resume_step, evaluated_epochs)]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:
+            self.writer = None
+
+    @staticmethod
+    def _keep(record, step, epochs) -> bool:
+        return record.get("epoch", 0) <= epochs if "val_loss" in record else record["step"] <= step
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            prefix = "val/" if "val_loss" in record else "train/"
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(prefix + key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ----------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class Progress:
+    """Host-side loop state saved with each checkpoint."""
+
+    evaluated_epochs: int = 0
+    best_bleu4: float = -1.0
+    epochs_since_best: int = 0
+    epochs_since_cut: int = 0
+    stopped_early: bool = False
+
+
+def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index: SplitIndex,
+                   vocabulary, config, p_eval) -> dict:
+    """Validation loss (teacher forcing, on all devices) and greedy BLEU-1..4 over a split."""
+    devices = jax.local_device_count()
+    sums = {"ce": 0.0, "penalty": 0.0, "tokens": 0.0, "examples": 0.0}
+    hypotheses = {}
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    for batch in batcher.epoch(0):
+        out = flax.jax_utils.unreplicate(p_eval(replicated, _shard(batch, devices)))
+        for key in sums:
+            sums[key] += float(out[key])
+        tokens, _ = greedy(model, variables, _inputs(batch), config.eval.max_length)
+        for row, image, weight in zip(np.asarray(tokens), batch["image_index"], batch["weights"]):
+            if weight:
+                hypotheses[int(image)] = vocabulary.decode(row)
+    references = {i: index.captions[i] for i in hypotheses}
+    scores = bleu(references, hypotheses)
+    loss = sums["ce"] / max(sums["tokens"], 1) + sums["penalty"] / max(sums["examples"], 1)
+    return {"val_loss": loss, **{f"bleu{n + 1}": s for n, s in enumerate(scores)},
+            "examples": dict(list(hypotheses.items())[:3])}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Trains (or resumes) the run in ``workdir``; returns the last validation metrics."""
+    workdir = Path(workdir).expanduser().absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_or_check_config(config, workdir)
+    log = functools.partial(print, file=sys.stderr)
+
+    built = _dataset(config)
+    sources = built.as_data_source()
+    train_index = SplitIndex(sources["train"])
+    vocabulary_path = workdir / "vocabulary.json"
+    if vocabulary_path.exists():
+        vocabulary = Vocabulary.load(vocabulary_path)
+    else:
+        vocabulary = Vocabulary.build((c for caps in train_index.captions for c in caps),
+                                      config.text.min_count)
+        vocabulary.save(vocabulary_path)
+    embedding, coverage = glove.embedding_matrix(vocabulary, glove.load(config.glove.source),
+                                                 seed=config.seed)
+    if config.decoder.embed_dim != embedding.shape[1]:
+        raise TrainingError(f"decoder.embed_dim is {config.decoder.embed_dim} but the GloVe "
+                            f"vectors have {embedding.shape[1]} dimensions")
+    log(f"vocabulary: {len(vocabulary)} tokens; {coverage.report()}")
+
+    encoder_dir = _prepare_encoder(config, workdir)
+    encoder_metadata, encoder_variables = load_encoder(encoder_dir)
+    model = make_model(config, len(vocabulary), encoder_metadata)
+    devices = jax.local_device_count()
+    if config.batch_size % devices:
+        raise TrainingError(f"batch_size {config.batch_size} is not a multiple of the "
+                            f"{devices} local devices")
+    options = PipelineOptions(
+        batch_size=config.batch_size, max_length=config.text.max_length, seed=config.seed,
+        captions=config.text.captions, drop_remainder=True, image_size=config.encoder.image_size,
+        resize=config.encoder.resize, num_threads=config.num_threads,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    eval_options = dataclasses.replace(options, batch_size=config.eval.batch_size, shuffle=False,
+                                       drop_remainder=False)
+    if config.encoder.mode == "features":
+        train_features = prepare_features(config, built, encoder_dir, "train")
+        val_features = prepare_features(config, built, encoder_dir, "val")
+        inputs_shape = train_features.shape
+    else:
+        train_features = val_features = None
+        inputs_shape = (config.encoder.image_size, config.encoder.image_size, 3)
+    train_batches = Batcher(sources["train"], vocabulary, options, train_features)
+    val_batches = Batcher(sources["val"], vocabulary, eval_options, val_features)
+    val_index = val_batches.index
+    if config.eval.batch_size % devices:
+        raise TrainingError(f"eval.batch_size {config.eval.batch_size} is not a multiple of "
+                            f"the {devices} local devices")
+
+    steps_per_epoch = train_batches.num_batches()
+    if steps_per_epoch == 0:
+        raise TrainingError(f"the training split has fewer examples than one batch "
+                            f"({config.batch_size})")
+    total_steps = (config.num_train_steps if config.num_train_steps > 0
+                   else config.num_epochs * steps_per_epoch)
+    schedule = learning_rate_schedule(config, total_steps)
+    tx = make_optimizer(config, schedule)
+    state = init_state(model, config, inputs_shape, embedding,
+                       encoder_variables if model.encoder is not None else None, tx)
+
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    progress = Progress()
+    restored = checkpoints.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+    if restored is not None:
+        state, saved_progress = restored
+        progress = Progress(**saved_progress)
+        log(f"resumed from step {int(state.step)} in {workdir}")
+    start_step = int(state.step)
+    metrics_log = MetricsLog(workdir, start_step, progress.evaluated_epochs)
+
+    alpha_c, smoothing = config.decoder.alpha_c, config.decoder.label_smoothing
+    p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx, alpha_c=alpha_c,
+                                         label_smoothing=smoothing),
+                       axis_name="batch", donate_argnums=(0,))
+    p_eval = jax.pmap(functools.partial(eval_step, model=model, alpha_c=alpha_c), axis_name="batch")
+    base_rng = flax.jax_utils.replicate(jax.random.PRNGKey(config.seed + 1))
+    replicated = flax.jax_utils.replicate(state)
+    del state
+
+    def host_state():
+        return jax.device_get(flax.jax_utils.unreplicate(replicated))
+
+    def check_finite(step):
+        if bool(jax.device_get(replicated.nonfinite[0])):
+            raise TrainingError(
+                f"the loss became NaN or Inf before step {step}; that update was not applied "
+                f"and no checkpoint of it was written. Lower learning_rate or check the data; "
+                f"rerunning resumes from the last checkpoint in {workdir}/checkpoints.")
+
+    last_val: dict = {}
+    step = start_step
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, desc="train")
+    interval = {"loss": 0.0, "ce": 0.0, "penalty": 0.0, "count": 0, "start": time.perf_counter()}
+    try:
+        while step < total_steps and not progress.stopped_early:
+            epoch, first = divmod(step, steps_per_epoch)
+            for batch in train_batches.epoch(epoch, first):
+                replicated, metrics = p_train(replicated, _shard(batch, devices), base_rng)
+                step += 1
+                for key in ("loss", "ce", "penalty"):
+                    interval[key] = interval[key] + metrics[key][0]
+                interval["count"] += 1
+                bar.update(1)
+                at_epoch_end = step % steps_per_epoch == 0 or step == total_steps
+                if step % config.log_every_steps == 0 or step == total_steps:
+                    check_finite(step)
+                    elapsed = time.perf_counter() - interval["start"]
+                    record = {"step": step, "epoch": epoch,
+                              **{k: float(interval[k]) / interval["count"]
+                                 for k in ("loss", "ce", "penalty")},
+                              "learning_rate": float(schedule(step - 1)) *
+                              float(replicated.lr_scale[0]),
+                              "captions_per_s": interval["count"] * config.batch_size / elapsed}
+                    metrics_log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                    captions_per_s=f"{record['captions_per_s']:.0f}")
+                    interval = {"loss": 0.0, "ce": 0.0, "penalty": 0.0, "count": 0,
+                                "start": time.perf_counter()}
+                if step % config.checkpoint_every_steps == 0 and not at_epoch_end:
+                    check_finite(step)
+                    checkpoints.save(host_state(), dataclasses.asdict(progress))
+                if at_epoch_end:
+                    break
+            if step % steps_per_epoch == 0 or step == total_steps:
+                check_finite(step)
+                last_val, lr_scale = _end_of_epoch(
+                    step, epoch, model, val_batches, val_index, vocabulary, config, p_eval,
+                    progress, checkpoints, metrics_log, replicated, host_state(), log)
+                replicated = replicated.replace(
+                    lr_scale=jnp.full_like(replicated.lr_scale, lr_scale))
+    finally:
+        bar.close()
+        checkpoints.close()
+        metrics_log.close()
+    return last_val
+
+
+def _end_of_epoch(step, epoch, model, val_batches, val_index, vocabulary, config, p_eval,
+                  progress: Progress, checkpoints: Checkpoints, metrics_log, replicated,
+                  state: TrainState, log) -> tuple[dict, float]:
+    """Validation, the best checkpoint, plateau cut and early stop, the epoch's checkpoint.
+
+    Returns the validation record and the learning-rate scale from now on.
+    """
+    metrics = evaluate_split(replicated, state, model, val_batches, val_index, vocabulary, config,
+                             p_eval)
+    examples = metrics.pop("examples")
+    progress.evaluated_epochs = epoch + 1
+    lr_scale = float(state.lr_scale)
+    if metrics["bleu4"] > progress.best_bleu4:
+        progress.best_bleu4 = metrics["bleu4"]
+        progress.epochs_since_best = progress.epochs_since_cut = 0
+    else:
+        progress.epochs_since_best += 1
+        progress.epochs_since_cut += 1
+        if progress.epochs_since_cut >= config.plateau_patience:
+            lr_scale *= config.plateau_factor
+            progress.epochs_since_cut = 0
+            log(f"val BLEU-4 plateau: learning rate scaled to {lr_scale:g} of the schedule")
+    if config.early_stopping_patience and \
+            progress.epochs_since_best >= config.early_stopping_patience:
+        progress.stopped_early = True
+        log(f"stopping early: no better val BLEU-4 for {progress.epochs_since_best} epochs")
+    state = state.replace(lr_scale=np.asarray(lr_scale, np.float32))
+    if progress.epochs_since_best == 0:
+        checkpoints.save_best(state, dataclasses.asdict(progress), metrics["bleu4"])
+    record = {"step": step, "epoch": epoch + 1, **metrics, "best_bleu4": progress.best_bleu4,
+              "lr_scale": lr_scale}
+    metrics_log.write(record)
+    log(f"epoch {epoch + 1}: val loss {metrics['val_loss']:.4f}, BLEU-4 {metrics['bleu4']:.4f}; "
+        f"e.g. {next(iter(examples.values()), '')!r}")
+    checkpoints.save(state, dataclasses.asdict(progress))
+    return record, lr_scale
+
+
+def main(args) -> int:
+    """``jaxcap train``: see ``jaxcap.cli``."""
+    if args.distributed:
+        jax.distributed.initialize()
+    config = configs.override(configs.load(args.config), args.overrides)
+    metrics = train_and_evaluate(config, args.workdir)
+    if metrics:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "examples"}))
+    return 0

@@ -1,0 +1,160 @@
+"""Training: pmap equals one device, exact resume after SIGKILL, fallback, mismatch, NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import flax.jax_utils
+import jax
+import numpy as np
+import pytest
+
+from jaxcap import cli, configs
+from jaxcap.models.captioner import Captioner
+from jaxcap.models.decoder import CaptionDecoder
+from jaxcap.train import (TrainState, init_state, learning_rate_schedule, make_optimizer,
+                          train_step)
+
+TINY = str(Path(__file__).parent / "tiny_config.py")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Shared across runs: the tiny dataset and its features are built once."""
+    return tmp_path_factory.mktemp("datasets")
+
+
+def _train_args(workdir, data_dir, *extra):
+    return ["train", "--config", TINY, "--workdir", str(workdir),
+            f"--config.dataset.data_dir={data_dir}", *extra]
+
+
+def _losses(workdir):
+    lines = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if "loss" in r and "val_loss" not in r]
+
+
+def _evals(workdir):
+    lines = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["epoch"], r["val_loss"], r["bleu4"]) for r in lines if "val_loss" in r]
+
+
+def test_pmap_step_on_four_devices_equals_one_device_on_the_whole_batch(rng):
+    config = configs.load(TINY)
+    config.decoder.dropout = 0.0  # each device draws its own dropout mask
+    config.schedule = "constant"  # warmup would make the first update zero
+    model = Captioner(CaptionDecoder(vocab_size=30, feature_dim=8, embed_dim=50, hidden_dim=16,
+                                     attention_dim=8, dropout_rate=0.0))
+    tx = make_optimizer(config, learning_rate_schedule(config, 100))
+    embedding = rng.normal(size=(30, 50)).astype(np.float32)
+    state = init_state(model, config, (2, 2, 8), embedding, None, tx)
+    tokens = rng.integers(3, 30, (8, config.text.max_length)).astype(np.int32)
+    lengths = rng.integers(3, config.text.max_length, 8)
+    tokens[np.arange(config.text.max_length)[None, :] >= lengths[:, None]] = 0
+    batch = {"features": rng.normal(size=(8, 2, 2, 8)).astype(np.float32), "tokens": tokens,
+             "weights": np.ones(8, np.float32)}
+    step = lambda s, b, r: train_step(s, b, r, model=model, tx=tx, alpha_c=1.0,  # noqa: E731
+                                      label_smoothing=0.1)
+    rng_key = jax.random.PRNGKey(3)
+    devices = jax.local_devices()
+    assert len(devices) == 4
+    four = jax.pmap(step, axis_name="batch")(
+        flax.jax_utils.replicate(state), jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch),
+        flax.jax_utils.replicate(rng_key))
+    one = jax.pmap(step, axis_name="batch", devices=devices[:1])(
+        flax.jax_utils.replicate(state, devices[:1]), jax.tree.map(lambda x: x[None], batch),
+        flax.jax_utils.replicate(rng_key, devices[:1]))
+    np.testing.assert_allclose(four[1]["loss"][0], one[1]["loss"][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b[0], rtol=2e-5, atol=1e-7),
+                 four[0].params, one[0].params)
+    assert not np.allclose(four[0].params["decoder"]["output"]["kernel"][0],
+                           state.params["decoder"]["output"]["kernel"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("runs") / "whole"
+    assert cli.main(_train_args(workdir, data_dir)) == 0
+    return workdir
+
+
+def test_run_writes_a_self_describing_directory(uninterrupted):
+    for name in ("config.json", "vocabulary.json", "encoder/metadata.json", "metrics.jsonl"):
+        assert (uninterrupted / name).exists(), name
+    losses = _losses(uninterrupted)
+    assert [s for s, _ in losses] == list(range(1, 19))  # 48 images / 8 = 6 steps x 3 epochs
+    assert losses[-1][1] < losses[0][1]
+    assert [e for e, _, _ in _evals(uninterrupted)] == [1, 2, 3]
+    assert sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [12, 16, 18]  # the last 3 of 4, 6, 8, 12, 16, 18
+    assert [p.name for p in (uninterrupted / "best").iterdir() if p.name.isdigit()]
+
+
+def test_sigkill_and_restart_reproduce_the_uninterrupted_losses(tmp_path, data_dir, uninterrupted):
+    workdir = tmp_path / "killed"
+    env = dict(os.environ)
+    process = subprocess.Popen([sys.executable, "-m", "jaxcap.cli", *_train_args(workdir, data_dir)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    checkpoints = workdir / "checkpoints"
+    while time.time() < deadline and process.poll() is None:
+        if checkpoints.exists() and any(p.name.isdigit() and int(p.name) >= 8
+                                        for p in checkpoints.iterdir()):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert cli.main(_train_args(workdir, data_dir)) == 0
+    assert _losses(workdir) == _losses(uninterrupted)
+    assert _evals(workdir) == _evals(uninterrupted)
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir,
+                                                                    uninterrupted):
+    workdir = tmp_path / "damaged"
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=8")) == 0
+    latest = workdir / "checkpoints" / "8"
+    for path in latest.rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "state" in path.parts:
+            path.write_bytes(b"\0" * 7)
+    with pytest.warns(UserWarning, match="checkpoint 8 .* is unreadable"):
+        assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=8")) == 0
+    assert _losses(workdir) == _losses(uninterrupted)[:8]
+
+
+def test_changed_model_config_on_resume_is_a_clear_error(tmp_path, data_dir, capsys):
+    workdir = tmp_path / "run"
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=2")) == 0
+    assert cli.main(_train_args(workdir, data_dir, "--config.decoder.hidden_dim=64")) == 2
+    err = capsys.readouterr().err
+    assert "another model config" in err and "decoder" in err and "64" in err
+
+
+def test_nan_loss_stops_the_run_without_a_checkpoint_of_it(tmp_path, data_dir, capsys):
+    workdir = tmp_path / "nan"
+    status = cli.main(_train_args(workdir, data_dir, "--config.learning_rate=1e30",
+                                  "--config.checkpoint_every_steps=1", "--config.warmup_steps=1"))
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "the loss became NaN or Inf before step" in err
+    bad_step = int(err.split("before step ")[1].split(";")[0])
+    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert all(step < bad_step for step in saved)
+    assert all(np.isfinite(loss) for _, loss in _losses(workdir))
+
+
+def test_config_overrides_are_typed_and_checked():
+    config = configs.load("shapes")
+    configs.override(config, ["decoder.hidden_dim=64", "glove.freeze=true", "learning_rate=1e-3",
+                              "encoder.weights=~/w"])
+    assert config.decoder.hidden_dim == 64 and config.glove.freeze is True
+    assert config.learning_rate == 1e-3 and config.encoder.weights == os.path.expanduser("~/w")
+    with pytest.raises(configs.ConfigError, match="decoder.hiden_dim: no such config key"):
+        configs.override(config, ["decoder.hiden_dim=3"])
+    with pytest.raises(configs.ConfigError, match="batch_size=many"):
+        configs.override(config, ["batch_size=many"])
