@@ -365,6 +365,12 @@ class Checkpoints:
                 self.latest.reload()
         return None
 
+    def restore_best(self, abstract: TrainState) -> TrainState:
+        self.best.wait_until_finished()
+        step = self.best.best_step()
+        return self.best.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))["state"]
+
     def close(self) -> None:
         self.latest.wait_until_finished()
         self.best.wait_until_finished()
@@ -392,13 +398,15 @@ class MetricsLog:
 
     @staticmethod
     def _keep(record, step, epochs) -> bool:
+        if "split" in record:  # a final test evaluation: redone when the run ends again
+            return False
         return record.get("epoch", 0) <= epochs if "val_loss" in record else record["step"] <= step
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            prefix = "val/" if "val_loss" in record else "train/"
+            prefix = record.get("split", "val" if "val_loss" in record else "train") + "/"
             for key, value in record.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
                     self.writer.add_scalar(prefix + key, value, record["step"])
@@ -577,6 +585,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     progress, checkpoints, metrics_log, replicated, host_state(), log)
                 replicated = replicated.replace(
                     lr_scale=jnp.full_like(replicated.lr_scale, lr_scale))
+        if "test" in sources and len(sources["test"]):
+            best = checkpoints.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                                         host_state()))
+            test_features = (prepare_features(config, built, encoder_dir, "test")
+                             if config.encoder.mode == "features" else None)
+            test_batches = Batcher(sources["test"], vocabulary, eval_options, test_features)
+            metrics = evaluate_split(flax.jax_utils.replicate(best), best, model, test_batches,
+                                     test_batches.index, vocabulary, config, p_eval)
+            metrics.pop("examples")
+            last_val = {"step": int(best.step), "split": "test",
+                        **{f"test_{k}": v for k, v in metrics.items()}}
+            metrics_log.write(last_val)
+            log(f"test split, best checkpoint (step {int(best.step)}): "
+                f"BLEU-4 {metrics['bleu4']:.4f}")
     finally:
         bar.close()
         checkpoints.close()
