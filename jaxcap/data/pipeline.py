@@ -96,6 +96,8 @@ class PipelineOptions:
     drop_remainder: bool = False
     image_size: int = 224
     resize: str = "direct"
+    length_multiple: int = 0  # > 0: pad each batch to its longest caption, rounded up to this
+    bucket_window: int = 20  # batches sorted together by length when bucketing
     num_threads: int = 8
     prefetch: int = 64
     process_index: int = 0
@@ -103,13 +105,23 @@ class PipelineOptions:
 
 
 class EpochExamples:
-    """Random access to the (image, caption) examples of one epoch, in order.
+    """Random access to the (image, caption, padded length) examples of one epoch.
 
     A grain ``MapDataset`` source: ``__getitem__(k)`` is example ``k`` of this
     process's shard, already padded to the process's share of whole batches.
+
+    Length bucketing (training, ``length_multiple > 0``): the shuffled order is
+    cut into windows of ``bucket_window`` batches, each window is sorted by
+    caption length and cut into batches, and the batches are shuffled again.
+    A batch is padded only to its longest caption, rounded up to a multiple of
+    ``length_multiple`` (so few shapes compile); the steps a fixed
+    ``max_length`` would spend on padding are not spent. The number of batches
+    per epoch does not change, and every process's batch ``k`` comes from the
+    same global group, so all processes run the same shape.
     """
 
-    def __init__(self, index: SplitIndex, options: PipelineOptions, epoch: int):
+    def __init__(self, index: SplitIndex, lengths: list[list[int]], options: PipelineOptions,
+                 epoch: int):
         if options.captions not in CAPTION_MODES:
             raise ValueError(f"captions must be one of {CAPTION_MODES}, got {options.captions!r}")
         rng = np.random.default_rng([options.seed, epoch])
@@ -122,8 +134,22 @@ class EpochExamples:
         # Every process gets the same number of whole batches.
         per_batch = options.batch_size * options.process_count
         whole = len(pairs) // per_batch if options.drop_remainder else -(-len(pairs) // per_batch)
-        positions = np.arange(whole * per_batch)[options.process_index::options.process_count]
-        self.pairs = [pairs[order[p]] if p < len(pairs) else PADDING for p in positions]
+        ordered = [pairs[order[p]] if p < len(pairs) else PADDING
+                   for p in range(whole * per_batch)]
+        length_of = lambda pair: lengths[pair[0]][pair[1]] if pair != PADDING else 0  # noqa: E731
+        sized = [(*pair, options.max_length) for pair in ordered]
+        if options.length_multiple and options.drop_remainder:
+            window = per_batch * max(1, options.bucket_window)
+            for start in range(0, len(ordered), window):
+                ordered[start:start + window] = sorted(ordered[start:start + window], key=length_of)
+            groups = [ordered[g * per_batch:(g + 1) * per_batch] for g in range(whole)]
+            sized = []
+            for g in rng.permutation(whole):
+                longest = max(length_of(pair) for pair in groups[g])
+                padded = min(options.max_length, -(-longest // options.length_multiple)
+                             * options.length_multiple)
+                sized += [(*pair, padded) for pair in groups[g]]
+        self.pairs = sized[options.process_index::options.process_count]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -136,32 +162,37 @@ class Batcher:
     """Turns examples into batches for one split; ``epoch(e)`` iterates one epoch."""
 
     def __init__(self, source, vocabulary: Vocabulary, options: PipelineOptions,
-                 features: FeatureStore | None = None):
+                 features: FeatureStore | None = None, index: SplitIndex | None = None):
         self.source = source
-        self.index = SplitIndex(source)
+        self.index = index or SplitIndex(source)
         self.vocabulary = vocabulary
         self.options = options
         self.features = features
         if features is not None:
             features.check(self.index.image_ids)
+        self.lengths = [[len(vocabulary.encode(c, options.max_length)) for c in caps]
+                        for caps in self.index.captions]
+
+    def _examples(self, epoch: int) -> EpochExamples:
+        return EpochExamples(self.index, self.lengths, self.options, epoch)
 
     def num_batches(self, epoch: int = 0) -> int:
-        return len(EpochExamples(self.index, self.options, epoch)) // self.options.batch_size
+        return len(self._examples(epoch)) // self.options.batch_size
 
-    def _example(self, pair):
-        image, caption = pair
+    def _example(self, entry):
+        image, caption, length = entry
+        padding = (image, caption) == PADDING
         options = self.options
-        if pair == PADDING:
-            tokens = np.zeros(options.max_length, np.int32)
+        if padding:
+            tokens = np.zeros(length, np.int32)
         else:
-            tokens = self.vocabulary.encode_padded(self.index.captions[image][caption],
-                                                   options.max_length)
-        example = {"tokens": tokens, "weights": np.float32(pair != PADDING),
+            tokens = self.vocabulary.encode_padded(self.index.captions[image][caption], length)
+        example = {"tokens": tokens, "weights": np.float32(not padding),
                    "image_index": np.int32(image)}
         if self.features is not None:
             example["features"] = (np.zeros(self.features.shape, self.features.array.dtype)
-                                   if pair == PADDING else self.features[self.index.image_ids[image]])
-        elif pair == PADDING:
+                                   if padding else self.features[self.index.image_ids[image]])
+        elif padding:
             example["image"] = np.zeros((options.image_size, options.image_size, 3), np.uint8)
         else:
             data = self.source[image]["image"].tobytes()
@@ -174,7 +205,7 @@ class Batcher:
 
     def epoch(self, epoch: int, start_batch: int = 0):
         """Batches of ``epoch`` from ``start_batch`` on (for exact resumption)."""
-        examples = EpochExamples(self.index, self.options, epoch)
+        examples = self._examples(epoch)
         dataset = (grain.MapDataset.source(examples)
                    .map(self._example)
                    .batch(self.options.batch_size, batch_fn=self._stack))

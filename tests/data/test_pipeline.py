@@ -100,3 +100,27 @@ def test_features_are_joined_by_image_id(tmp_path, sources, vocabulary):
     (tmp_path / "ids.txt").write_text("just_one\n")
     with pytest.raises(DataError, match="ids.txt has 1 lines but features.npy has 5 rows"):
         FeatureStore(tmp_path)
+
+
+def test_length_bucketing_pads_each_batch_to_its_longest_caption(sources, vocabulary):
+    plain = PipelineOptions(batch_size=4, max_length=18, image_size=32, captions="all",
+                            drop_remainder=True)
+    bucketed = PipelineOptions(batch_size=4, max_length=18, image_size=32, captions="all",
+                               drop_remainder=True, length_multiple=4, bucket_window=3)
+    plain_batches = _all(Batcher(sources["train"], vocabulary, plain))
+    batches = _all(Batcher(sources["train"], vocabulary, bucketed))
+    assert len(batches) == len(plain_batches)
+    widths = set()
+    for batch in batches:
+        width = batch["tokens"].shape[1]
+        longest = max(int((row != 0).sum()) for row in batch["tokens"])
+        assert width in (4, 8, 12, 16, 18) and longest <= width < longest + 4
+        widths.add(width)
+    assert len(widths) > 1 and sum(b["tokens"].shape[1] for b in batches) < 18 * len(batches)
+    key = lambda bs: sorted((int(i), vocabulary.decode(t)) for b in bs  # noqa: E731
+                            for i, t in zip(b["image_index"], b["tokens"]))
+    assert key(batches) == key(plain_batches)  # the same examples, grouped by length
+    shards = [_all(Batcher(sources["train"], vocabulary, PipelineOptions(
+        batch_size=2, max_length=18, image_size=32, captions="all", drop_remainder=True,
+        length_multiple=4, process_index=p, process_count=2))) for p in range(2)]
+    assert [b["tokens"].shape for b in shards[0]] == [b["tokens"].shape for b in shards[1]]
