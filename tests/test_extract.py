@@ -9,7 +9,7 @@ import pytest
 
 from jaxcap import cli, extract as extract_module
 from jaxcap.data.images import load_image
-from jaxcap.extract import ExtractError, extract
+from jaxcap.extract import extract
 from jaxcap.models.encoder import build_encoder, load_encoder
 from jaxcap.models.preprocessing import normalize
 from tests.image_fixtures import write_every_kind

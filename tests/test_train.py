@@ -16,7 +16,7 @@ import pytest
 from jaxcap import cli, configs
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoder import CaptionDecoder
-from jaxcap.train import (TrainState, init_state, learning_rate_schedule, make_optimizer,
+from jaxcap.train import (init_state, learning_rate_schedule, make_optimizer,
                           train_step)
 
 TINY = str(Path(__file__).parent / "tiny_config.py")
