@@ -1,47 +1,139 @@
-"""Decoding captions inside ``jax.jit``."""
+"""Decoding captions inside ``jax.jit``.
+
+Three searches over the decoder's single step (``Captioner.decode_step``), each
+one ``lax.while_loop`` that stops as soon as every caption has ended:
+
+* ``greedy``: the most likely word at each step;
+* ``sample``: a word drawn from the temperature-scaled distribution, cut to its
+  ``top_k`` words; every image has its own random stream, so its caption does
+  not depend on the batch it was decoded in;
+* ``beam_search``: ``beam_size`` hypotheses per image, batched over images and
+  beams together.
+
+All three take a minimum length and block repeated n-grams, and return the
+tokens, the summed log-probability of the emitted words and the attention
+weights of every emitted word.
+
+``CaptionSearch`` is what the commands use: it pads a batch of any size to one
+of a few bucket sizes (so a new number of images does not compile again),
+shards it over the local devices and returns text with the arrays.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxcap.data.text import END_ID, PAD_ID, START_ID
+from jaxcap.data.text import END_ID, PAD_ID, START_ID, Vocabulary
 from jaxcap.models.captioner import Captioner
 
 
-def _words_only(logits):
-    """<pad> and <start> are never emitted as words."""
-    return logits.at[..., PAD_ID].set(-jnp.inf).at[..., START_ID].set(-jnp.inf)
+def _next_word_logp(logits, tokens, t, min_length: int, no_repeat_ngram: int):
+    """Log-probabilities (R, V) of the word at position ``t`` after ``tokens[:, :t]``.
+
+    ``<pad>`` and ``<start>`` are never words; ``<end>`` is barred before
+    ``min_length`` words; a word that would repeat an n-gram is barred. When
+    blocking bars every word, ``<end>`` stays open, so a caption always ends.
+    """
+    vocab = jnp.arange(logits.shape[-1])
+    logits = jnp.where((vocab == PAD_ID) | (vocab == START_ID), -jnp.inf, logits)
+    model_logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.where((t <= min_length) & (vocab == END_ID), -jnp.inf, model_logp)
+    if no_repeat_ngram:
+        logp = jnp.where(_repeats_ngram(tokens, t, no_repeat_ngram, logits.shape[-1]),
+                         -jnp.inf, logp)
+        stuck = jnp.all(logp == -jnp.inf, axis=-1, keepdims=True)
+        logp = jnp.where(stuck & (vocab == END_ID), model_logp, logp)
+    return logp
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length"))
-def greedy(model: Captioner, variables, inputs, max_length: int):
-    """Greedy decoding: tokens (B, max_length) starting with ``<start>``, ``<pad>`` after
-    ``<end>``; and attention weights (B, max_length - 1, P) of every emitted word (zero
-    after ``<end>``)."""
+def _repeats_ngram(tokens, t, n: int, vocab_size: int):
+    """(R, V): True where word v at position ``t`` would repeat an n-gram of ``tokens[:, :t]``."""
+    rows, length = tokens.shape
+    starts = jnp.arange(length - n + 1)
+    grams = tokens[:, starts[:, None] + jnp.arange(n)]  # (R, S, n): every n-gram position
+    suffix = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(t - n + 1, 0), n - 1, axis=1)
+    # An earlier n-gram lies wholly before t (s + n - 1 <= t - 1) and starts with the suffix.
+    match = jnp.all(grams[:, :, :-1] == suffix[:, None, :], axis=-1) & (starts <= t - n)
+    return jnp.zeros((rows, vocab_size), bool).at[
+        jnp.arange(rows)[:, None], grams[:, :, -1]].max(match)
+
+
+def _top_k_cut(scaled_logp, top_k: int):
+    if not top_k:
+        return scaled_logp
+    kth = jax.lax.top_k(scaled_logp, top_k)[0][..., -1:]
+    return jnp.where(scaled_logp < kth, -jnp.inf, scaled_logp)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "min_length",
+                                             "no_repeat_ngram", "top_k"))
+def _word_by_word(model: Captioner, variables, inputs, keys, temperature, max_length: int,
+                  min_length: int, no_repeat_ngram: int, top_k: int):
+    """Greedy (``keys`` None) or sampled decoding, one word per loop step."""
     regions, projected, carry = model.apply(variables, inputs, method=Captioner.start)
-    batch = regions.shape[0]
+    batch, regions_count = regions.shape[:2]
+    state = dict(t=jnp.asarray(1), carry=carry, done=jnp.zeros(batch, bool),
+                 tokens=jnp.full((batch, max_length), PAD_ID, jnp.int32).at[:, 0].set(START_ID),
+                 scores=jnp.zeros(batch, jnp.float32),
+                 alphas=jnp.zeros((batch, max_length - 1, regions_count), jnp.float32))
 
-    def step(state, _):
-        carry, token, done = state
-        carry, logits, alpha = model.apply(variables, token, carry, projected, regions,
-                                           method=Captioner.decode_step)
-        token = jnp.where(done, PAD_ID, jnp.argmax(_words_only(logits), axis=-1).astype(jnp.int32))
-        alpha = jnp.where(done[:, None], 0.0, alpha)  # no word emitted, no attention recorded
-        return (carry, token, done | (token == END_ID)), (token, alpha)
+    def cond(state):
+        return (state["t"] < max_length) & ~jnp.all(state["done"])
 
-    start = jnp.full((batch,), START_ID, jnp.int32)
-    _, (tokens, alphas) = jax.lax.scan(step, (carry, start, jnp.zeros(batch, bool)), None,
-                                       length=max_length - 1)
-    return jnp.concatenate([start[:, None], tokens.T], axis=1), alphas.transpose(1, 0, 2)
+    def body(state):
+        t, done = state["t"], state["done"]
+        carry, logits, alpha = model.apply(variables, state["tokens"][:, t - 1], state["carry"],
+                                           projected, regions, method=Captioner.decode_step)
+        logp = _next_word_logp(logits, state["tokens"], t, min_length, no_repeat_ngram)
+        if keys is None:
+            token = jnp.argmax(logp, axis=-1)
+        else:
+            token = jax.vmap(lambda key, row: jax.random.categorical(
+                jax.random.fold_in(key, t), _top_k_cut(row / temperature, top_k)))(keys, logp)
+        token = jnp.where(done, PAD_ID, token.astype(jnp.int32))
+        word_logp = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
+        return dict(t=t + 1, carry=carry, done=done | (token == END_ID),
+                    tokens=state["tokens"].at[:, t].set(token),
+                    scores=state["scores"] + jnp.where(done, 0.0, word_logp),
+                    # no word emitted, no attention recorded
+                    alphas=state["alphas"].at[:, t - 1].set(jnp.where(done[:, None], 0.0, alpha)))
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state["tokens"], state["scores"], state["alphas"]
+
+
+def greedy(model: Captioner, variables, inputs, max_length: int, min_length: int = 0,
+           no_repeat_ngram: int = 0):
+    """Greedy decoding: ``(tokens (B, max_length), score (B,), alphas (B, max_length - 1, P))``.
+
+    Tokens start with ``<start>`` and hold ``<pad>`` after ``<end>``; alphas are
+    zero after ``<end>``. ``min_length`` counts words before ``<end>``.
+    """
+    return _word_by_word(model, variables, inputs, None, 1.0, max_length, min_length,
+                         no_repeat_ngram, 0)
+
+
+def sample(model: Captioner, variables, inputs, keys, max_length: int, temperature: float = 1.0,
+           top_k: int = 0, min_length: int = 0, no_repeat_ngram: int = 0):
+    """Sampled decoding with one PRNG key per image (``keys`` (B, 2)); returns as ``greedy``.
+
+    The score is the model's own log-probability of the drawn words (before
+    temperature and top-k).
+    """
+    return _word_by_word(model, variables, inputs, keys, jnp.float32(temperature), max_length,
+                         min_length, no_repeat_ngram, top_k)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_length", "min_length",
-                                             "length_penalty"))
+                                             "length_penalty", "no_repeat_ngram"))
 def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length: int,
-                min_length: int = 1, length_penalty: float = 0.0):
+                min_length: int = 0, length_penalty: float = 0.0, no_repeat_ngram: int = 0):
     """Batched beam search over images and beams together, in one ``lax.while_loop``.
 
     Returns ``(tokens (B, max_length), score (B,), alphas (B, max_length - 1, P))`` of each
@@ -75,12 +167,13 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
     def body(state):
         t = state["t"]
         carry, logits, alpha = beam_step(state["tokens"][:, :, t - 1], state["carry"])
-        logp = jax.nn.log_softmax(_words_only(logits), axis=-1)  # (K, B, V)
-        logp = jnp.where((t < min_length) & (jnp.arange(logp.shape[-1]) == END_ID), -jnp.inf, logp)
+        vocab = logits.shape[-1]
+        logp = _next_word_logp(logits.reshape(k * batch, vocab),
+                               state["tokens"].reshape(k * batch, max_length), t, min_length,
+                               no_repeat_ngram).reshape(k, batch, vocab)
         # A finished beam only extends with <pad> at no cost.
-        pad_only = jnp.where(jnp.arange(logp.shape[-1]) == PAD_ID, 0.0, -jnp.inf)
+        pad_only = jnp.where(jnp.arange(vocab) == PAD_ID, 0.0, -jnp.inf)
         logp = jnp.where(state["done"][..., None], pad_only, logp)
-        vocab = logp.shape[-1]
         candidates = (state["scores"][..., None] + logp).transpose(1, 0, 2).reshape(batch, k * vocab)
         scores, flat = jax.lax.top_k(candidates, k)  # (B, K)
         source, token = (flat // vocab).T, (flat % vocab).T.astype(jnp.int32)  # (K, B)
@@ -105,3 +198,88 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
     take = lambda x: jnp.take_along_axis(  # noqa: E731
         x, best.reshape(1, batch, *([1] * (x.ndim - 2))), axis=0)[0]
     return take(state["tokens"]), take(state["scores"]), take(state["alphas"])
+
+
+# ------------------------------------------------------------------ for commands
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """How captions are searched; ``temperature`` > 0 samples (with ``beam_size`` 1)."""
+
+    beam_size: int = 1
+    max_length: int = 22  # tokens, <start> and <end> included
+    min_length: int = 1  # words before <end>
+    length_penalty: float = 0.0
+    no_repeat_ngram: int = 0  # > 0: never repeat an n-gram of this size
+    temperature: float = 0.0
+    top_k: int = 0  # sampling: draw from the k most likely words; 0: all
+    seed: int = 0  # sampling: image i of a call uses fold_in(PRNGKey(seed), first_index + i)
+
+    def __post_init__(self):
+        if self.beam_size < 1 or self.max_length < 2:
+            raise ValueError("beam_size must be >= 1 and max_length >= 2")
+        if self.temperature < 0 or (self.temperature > 0 and self.beam_size > 1):
+            raise ValueError("sampling (temperature > 0) draws one caption: use beam_size 1")
+
+
+@dataclasses.dataclass
+class Captions:
+    """Decoded captions of N images (numpy arrays)."""
+
+    tokens: np.ndarray  # (N, max_length), <start> first, <pad> after <end>
+    texts: list[str]
+    scores: np.ndarray  # (N,) summed log-probability of the emitted words
+    alphas: np.ndarray  # (N, max_length - 1, P): attention when emitting tokens[:, 1:]
+
+
+class CaptionSearch:
+    """Captions batches of any size with one compilation per bucket size, on all local devices.
+
+    A batch is cut into chunks of at most ``max_batch`` images and each chunk is
+    padded to the smallest bucket that holds it: ``d, 2d, 4d, ...`` up to
+    ``max_batch`` for ``d`` local devices. Padded rows are dropped from the
+    results and never affect the real ones (every image is decoded
+    independently).
+    """
+
+    def __init__(self, model: Captioner, variables, vocabulary: Vocabulary,
+                 options: SearchOptions, max_batch: int = 64):
+        self.model, self.vocabulary, self.options = model, vocabulary, options
+        devices = jax.local_devices()
+        count = len(devices)
+        self.max_batch = -(-max_batch // count) * count
+        self.buckets = sorted({min(count * 2 ** i, self.max_batch)
+                               for i in range(self.max_batch.bit_length())})
+        mesh = Mesh(np.asarray(devices), ("batch",))
+        self._rows = NamedSharding(mesh, PartitionSpec("batch"))
+        self.variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+
+    def bucket(self, count: int) -> int:
+        return next(size for size in self.buckets if size >= count)
+
+    def __call__(self, inputs: np.ndarray, first_index: int = 0) -> Captions:
+        parts = [self._chunk(inputs[start:start + self.max_batch], first_index + start)
+                 for start in range(0, len(inputs), self.max_batch)]
+        if not parts:
+            raise ValueError("no inputs to caption")
+        tokens, scores, alphas = (np.concatenate(arrays) for arrays in zip(*parts))
+        return Captions(tokens, [self.vocabulary.decode(row) for row in tokens], scores, alphas)
+
+    def _chunk(self, inputs: np.ndarray, first_index: int):
+        count, size = len(inputs), self.bucket(len(inputs))
+        padded = np.concatenate([inputs, np.zeros((size - count, *inputs.shape[1:]), inputs.dtype)])
+        padded = jax.device_put(padded, self._rows)
+        o = self.options
+        args = (self.model, self.variables, padded)
+        if o.temperature > 0:
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(o.seed), i))(
+                jnp.arange(first_index, first_index + size))
+            out = sample(*args, jax.device_put(keys, self._rows), o.max_length, o.temperature,
+                         o.top_k, o.min_length, o.no_repeat_ngram)
+        elif o.beam_size == 1:
+            out = greedy(*args, o.max_length, o.min_length, o.no_repeat_ngram)
+        else:
+            out = beam_search(*args, o.beam_size, o.max_length, o.min_length, o.length_penalty,
+                              o.no_repeat_ngram)
+        return tuple(np.asarray(x)[:count] for x in out)

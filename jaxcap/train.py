@@ -54,7 +54,7 @@ from jaxcap.convert import init_weights
 from jaxcap.data import builders, glove, shapes
 from jaxcap.data.pipeline import Batcher, FeatureStore, PipelineOptions, SplitIndex
 from jaxcap.data.text import PAD_ID, Vocabulary
-from jaxcap.decode import greedy
+from jaxcap.decode import CaptionSearch, SearchOptions
 from jaxcap.evaluate import bleu
 from jaxcap.extract import extract_entries
 from jaxcap.models.captioner import Captioner
@@ -436,15 +436,17 @@ def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index
     devices = jax.local_device_count()
     sums = {"ce": 0.0, "penalty": 0.0, "tokens": 0.0, "examples": 0.0}
     hypotheses = {}
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    search = CaptionSearch(model, {"params": state.params, "batch_stats": state.batch_stats},
+                           vocabulary, SearchOptions(max_length=config.eval.max_length),
+                           max_batch=config.eval.batch_size)
     for batch in batcher.epoch(0):
         out = flax.jax_utils.unreplicate(p_eval(replicated, _shard(batch, devices)))
         for key in sums:
             sums[key] += float(out[key])
-        tokens, _ = greedy(model, variables, _inputs(batch), config.eval.max_length)
-        for row, image, weight in zip(np.asarray(tokens), batch["image_index"], batch["weights"]):
+        texts = search(_inputs(batch)).texts
+        for text, image, weight in zip(texts, batch["image_index"], batch["weights"]):
             if weight:
-                hypotheses[int(image)] = vocabulary.decode(row)
+                hypotheses[int(image)] = text
     references = {i: index.captions[i] for i in hypotheses}
     scores = bleu(references, hypotheses)
     loss = sums["ce"] / max(sums["tokens"], 1) + sums["penalty"] / max(sums["examples"], 1)

@@ -1,4 +1,5 @@
-"""Greedy and beam search: beam 1 is greedy, a wide beam is exhaustive, batching is exact."""
+"""Greedy, sampling and beam search: beam 1 is greedy, a wide beam is exhaustive, batching
+and bucketing are exact, n-gram blocking and top-k hold, buckets do not recompile."""
 
 import itertools
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxcap.data.text import END_ID, START_ID
-from jaxcap.decode import beam_search, greedy
+from jaxcap.data.text import Vocabulary
+from jaxcap.decode import CaptionSearch, SearchOptions, beam_search, greedy, sample
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoder import CaptionDecoder
 
@@ -36,11 +38,22 @@ def _log_prob(model, variables, features, sequence):
     return float(sum(logp[t, token] for t, token in enumerate(sequence)))
 
 
+def _with_end_bias(variables, bias):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: x.at[..., END_ID].set(bias)
+        if jax.tree_util.keystr(p).endswith("['output']['bias']") else x, variables)
+
+
+def _never_end(variables):
+    return _with_end_bias(variables, -1e4)
+
+
 def test_beam_of_one_is_greedy(setup):
     model, variables, features = setup
-    tokens, alphas = greedy(model, variables, features, 7)
-    beam_tokens, _, beam_alphas = beam_search(model, variables, features, 1, 7)
+    tokens, scores, alphas = greedy(model, variables, features, 7)
+    beam_tokens, beam_scores, beam_alphas = beam_search(model, variables, features, 1, 7)
     np.testing.assert_array_equal(tokens, beam_tokens)
+    np.testing.assert_allclose(scores, beam_scores, rtol=1e-5)
     np.testing.assert_allclose(alphas, beam_alphas, rtol=1e-5, atol=1e-6)
 
 
@@ -77,10 +90,118 @@ def test_batched_equals_one_image_at_a_time(setup):
 
 def test_a_model_that_never_ends_still_returns_its_best_hypothesis(setup):
     model, variables, features = setup
-    never_end = jax.tree_util.tree_map_with_path(
-        lambda p, x: x.at[..., END_ID].set(-1e4)
-        if jax.tree_util.keystr(p).endswith("['output']['bias']") else x, variables)
+    never_end = _never_end(variables)
     tokens, scores, _ = beam_search(model, never_end, features, 3, 6)
     assert tokens.shape == (4, 6) and (tokens[:, 0] == START_ID).all()
     assert not (tokens == END_ID).any() and (tokens[:, 1:] >= 3).all()
     assert np.isfinite(np.asarray(scores)).all()
+
+
+def _ngrams(row, n):
+    words = [int(t) for t in row[1:] if t > END_ID]
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_blocked_ngrams_never_repeat(setup, search):
+    model, variables, features = setup
+    never_end = _never_end(variables)
+    run = (lambda **kw: greedy(model, never_end, features, 9, **kw)[0]) if search == "greedy" else \
+        (lambda **kw: beam_search(model, never_end, features, 3, 9, **kw)[0])
+    # Eight words from three (<unk> is one): unblocked captions repeat bigrams, so the test can fail.
+    assert all(len(set(_ngrams(row, 2))) < len(_ngrams(row, 2)) for row in np.asarray(run()))
+    for n in (1, 2):
+        for row in np.asarray(run(no_repeat_ngram=n)):
+            assert len(set(_ngrams(row, n))) == len(_ngrams(row, n)), (n, row)
+            if n == 1:  # all three words used: <end> is the way out, never <pad> mid-caption
+                assert list(row[4:]) == [END_ID] + [0] * 4 and len(set(row[1:4])) == 3
+
+
+def test_min_length_bars_an_early_end(setup):
+    model, variables, features = setup
+    ends_at_once = _with_end_bias(variables, 1e4)
+    tokens, _, _ = greedy(model, ends_at_once, features, 7)
+    assert (np.asarray(tokens)[:, 1] == END_ID).all()
+    for decoded in (greedy(model, ends_at_once, features, 7, min_length=3)[0],
+                    beam_search(model, ends_at_once, features, 2, 7, min_length=3)[0]):
+        decoded = np.asarray(decoded)
+        assert (decoded[:, 1:4] > END_ID).all() and (decoded[:, 4] == END_ID).all()
+
+
+def _keys(count, seed=0):
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(count))
+
+
+def test_sampling_cold_or_top1_is_greedy_and_hot_varies(setup):
+    model, variables, features = setup
+    tokens, scores, _ = greedy(model, variables, features, 7)
+    for kwargs in (dict(temperature=1e-4), dict(temperature=1.0, top_k=1)):
+        sampled, sampled_scores, _ = sample(model, variables, features, _keys(4), 7, **kwargs)
+        np.testing.assert_array_equal(sampled, tokens)
+        np.testing.assert_allclose(sampled_scores, scores, rtol=1e-5)
+    draws = {tuple(np.asarray(sample(model, variables, features, _keys(4, seed), 7,
+                                     temperature=3.0)[0]).ravel()) for seed in range(4)}
+    assert len(draws) > 1
+
+
+def test_top_k_draws_only_among_the_k_most_likely_words(setup):
+    model, variables, features = setup
+    for seed in range(3):
+        tokens, _, _ = sample(model, variables, features, _keys(4, seed), 7, temperature=5.0,
+                              top_k=2)
+        tokens = np.asarray(tokens)
+        logits, _ = model.apply(variables, features, jnp.asarray(tokens[:, :-1]))
+        logits = np.asarray(logits.at[..., 0].set(-jnp.inf).at[..., START_ID].set(-jnp.inf))
+        for image, row in enumerate(tokens):
+            for t in range(1, len(row)):
+                if row[t] == 0:
+                    break
+                assert row[t] in np.argsort(logits[image, t - 1])[-2:]
+
+
+def test_an_images_sample_does_not_depend_on_its_batch(setup):
+    model, variables, features = setup
+    keys = _keys(4, seed=5)
+    tokens, _, _ = sample(model, variables, features, keys, 7, temperature=2.0)
+    for image in range(4):
+        alone, _, _ = sample(model, variables, features[image:image + 1], keys[image:image + 1], 7,
+                             temperature=2.0)
+        np.testing.assert_array_equal(alone[0], tokens[image])
+
+
+@pytest.fixture(scope="module")
+def vocabulary():
+    return Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "red", "circle"])
+
+
+def test_caption_search_buckets_change_nothing_and_do_not_recompile(setup, vocabulary):
+    model, variables, features = setup
+    images = jnp.asarray(np.random.default_rng(3).normal(size=(11, 2, 2, 6)), jnp.float32)
+    search = CaptionSearch(model, variables, vocabulary, SearchOptions(beam_size=3, max_length=7),
+                           max_batch=8)
+    assert search.buckets == [4, 8]  # 4 simulated devices
+    out = search(np.asarray(images))  # a chunk of 8, then 3 padded to 4
+    assert len(out.texts) == 11 and out.tokens.shape == (11, 7) and out.alphas.shape == (11, 6, 4)
+    exact, exact_scores, exact_alphas = beam_search(model, variables, images, 3, 7, min_length=1)
+    np.testing.assert_array_equal(out.tokens, exact)
+    np.testing.assert_allclose(out.scores, exact_scores, rtol=1e-5)
+    np.testing.assert_allclose(out.alphas, exact_alphas, rtol=1e-4, atol=1e-6)
+    assert out.texts[0] == vocabulary.decode(out.tokens[0])
+    compiled = beam_search._cache_size()
+    for count in (1, 2, 5, 6, 7):  # buckets 4 and 8 again
+        assert len(search(np.asarray(images[:count])).texts) == count
+    assert beam_search._cache_size() == compiled
+
+
+def test_caption_search_sampling_is_reproducible_across_chunks(setup, vocabulary):
+    model, variables, features = setup
+    options = SearchOptions(max_length=7, temperature=2.0, seed=9)
+    whole = CaptionSearch(model, variables, vocabulary, options, max_batch=8)(np.asarray(features))
+    first = CaptionSearch(model, variables, vocabulary, options, max_batch=4)
+    part = first(np.asarray(features[2:]), first_index=2)
+    np.testing.assert_array_equal(whole.tokens[2:], part.tokens)
+
+
+def test_search_options_refuse_sampling_with_beams():
+    with pytest.raises(ValueError, match="beam_size 1"):
+        SearchOptions(beam_size=3, temperature=1.0)
