@@ -111,6 +111,62 @@ def _add_train(subparsers) -> None:
     parser.set_defaults(module="jaxcap.train")
 
 
+def _add_search_options(parser) -> None:
+    search = parser.add_argument_group("search")
+    search.add_argument("--max-length", type=int, default=0,
+                        help="tokens, <start> and <end> included (default: the run's eval.max_length)")
+    search.add_argument("--min-length", type=int, default=1, help="words before <end>")
+    search.add_argument("--length-penalty", type=float, default=0.0,
+                        help="rank finished beams by score / length**P (0: summed log-prob)")
+    search.add_argument("--no-repeat-ngram", type=int, default=0,
+                        help="never repeat an n-gram of this size (0: off)")
+    search.add_argument("--temperature", type=float, default=0.0,
+                        help="> 0: sample captions at this temperature (with --beam 1)")
+    search.add_argument("--top-k", type=int, default=0, help="sampling: only the k likeliest words")
+    search.add_argument("--seed", type=int, default=0, help="sampling: random seed")
+
+
+def _add_caption(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "caption", help="caption images with a trained run (JSON lines, attention figures)",
+        description="Caption image files (or every file in folders) with the best checkpoint "
+                    "of RUN_DIR, its encoder and preprocessing. One JSON line per image: "
+                    '{"image", "caption", "score"}; unusable files are reported on stderr '
+                    "and skipped.",
+        epilog="examples:\n"
+               "  jaxcap caption --workdir runs/shapes photos/ --beam 5 --output captions.jsonl\n"
+               "  jaxcap caption --workdir runs/shapes cat.jpg --attention-dir attention/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    parser.add_argument("--workdir", required=True, help="the run directory of 'jaxcap train'")
+    parser.add_argument("--beam", type=int, default=5, help="beam size (1: greedy)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step")
+    parser.add_argument("--attention-dir", help="write one attention PNG per image here")
+    parser.add_argument("--output", help="write the JSON lines to this file (default stdout)")
+    _add_search_options(parser)
+    parser.set_defaults(module="jaxcap.caption")
+
+
+def _add_evaluate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="score a trained run on a split (BLEU, METEOR, ROUGE-L, CIDEr-D)",
+        description="Decode SPLIT of the run's dataset with its best checkpoint and score it "
+                    "as pycocoevalcap does: BLEU-1..4, METEOR (needs Java), ROUGE-L, CIDEr-D; "
+                    "on shapes also content accuracy and attention correctness, on the split "
+                    "and on the novel split. Writes RUN_DIR/eval_SPLIT.json and the COCO "
+                    "results file RUN_DIR/captions_SPLIT.json.",
+        epilog="example:\n  jaxcap evaluate --workdir runs/shapes --split test --beam 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="the run directory of 'jaxcap train'")
+    parser.add_argument("--split", default="test", help="train, val, test (or novel on shapes)")
+    parser.add_argument("--beam", type=int, default=3, help="beam size (1: greedy)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step")
+    parser.add_argument("--no-meteor", action="store_true",
+                        help="skip METEOR (its Java process takes about 12 s to start)")
+    _add_search_options(parser)
+    parser.set_defaults(module="jaxcap.evaluate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxcap", description="Image captioning in JAX/Flax: convert ResNet weights, "
@@ -120,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(subparsers)
     _add_prepare(subparsers)
     _add_train(subparsers)
+    _add_caption(subparsers)
+    _add_evaluate(subparsers)
     return parser
 
 
@@ -129,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
     args.overrides = overrides
+    from jaxcap.caption import CaptionError
     from jaxcap.configs import ConfigError
     from jaxcap.data.glove import GloveError
     from jaxcap.data.readers import DataError
@@ -139,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return importlib.import_module(args.module).main(args)
     except (WeightsError, ExtractError, DataError, GloveError, ConfigError,
-            TrainingError) as error:
+            TrainingError, CaptionError) as error:
         print(f"jaxcap {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

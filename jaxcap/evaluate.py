@@ -1,22 +1,177 @@
-"""Caption metrics, computed the way papers compute them (pycocoevalcap).
+"""``jaxcap evaluate``: decode a split with a trained run and score it the way papers do.
 
-Captions are tokenised with ``jaxcap.data.text.normalize`` (lowercase, no
-punctuation), which is what pycocoevalcap's PTB tokenizer produces for plain
-caption text, without starting Java.
+The split is read through the same pipeline as training's validation (cached
+features or images, as the run was trained), decoded with ``CaptionSearch``
+(beam search by default) and scored by ``jaxcap.metrics``: BLEU-1..4, METEOR,
+ROUGE-L and CIDEr-D; on ``shapes`` also content accuracy and attention
+correctness, on the split and on the ``novel`` split (colour-shape pairs never
+seen in training).
+
+Writes ``RUN_DIR/eval_SPLIT.json`` (every figure and the search settings) and
+``RUN_DIR/captions_SPLIT.json`` in the COCO results format
+(``[{"image_id", "caption"}]``), and prints a table.
 """
 
 from __future__ import annotations
 
-from jaxcap.data.text import normalize
+import dataclasses
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import jax
+
+from jaxcap.data.pipeline import Batcher
+from jaxcap.decode import CaptionSearch, SearchOptions
+from jaxcap.metrics import COCO_METRICS, caption_metrics, grounded_metrics, java_available
+from jaxcap.runs import TrainedRun, load_run
+from jaxcap.train import (TrainingError, model_inputs, pipeline_options, prepare_dataset,
+                          prepare_features)
+
+TABLE_ROWS = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"),
+              ("meteor", "METEOR"), ("rougeL", "ROUGE-L"), ("cider", "CIDEr-D"),
+              ("content_accuracy", "content accuracy"),
+              ("attention_correctness", "attention correctness"),
+              ("attention_uniform", "  (uniform attention)"), ("images", "images")]
 
 
-def bleu(references: dict, hypotheses: dict) -> list[float]:
-    """BLEU-1..4 of ``hypotheses`` ({id: caption}) against ``references`` ({id: [captions]})."""
-    from pycocoevalcap.bleu.bleu import Bleu
+@dataclasses.dataclass
+class DecodedSplit:
+    image_ids: list[str]
+    references: list[list[str]]
+    captions: list[str]
+    scores: list[float]
+    alphas: list  # per image (words, P): the attention each word was emitted under
+    objects: list[list[dict]]  # per image; empty without grounding
 
-    gts = {key: [normalize(r) for r in refs] for key, refs in references.items()}
-    res = {key: [normalize(hypotheses[key])] for key in references}
-    if not gts:
-        return [0.0] * 4
-    score, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return [float(s) for s in score]
+
+def _text(value) -> str:
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+def _objects(record) -> list[dict]:
+    objects = record["objects"]
+    return [{"colour": _text(c), "shape": _text(s), "box": box}
+            for c, s, box in zip(objects["colour"], objects["shape"], objects["box"])]
+
+
+def decode_split(run: TrainedRun, split: str, options: SearchOptions,
+                 batch_size: int = 64) -> DecodedSplit:
+    """Every image of ``split``, in order, captioned by ``run``'s best checkpoint."""
+    config = run.config
+    built = prepare_dataset(config)
+    sources = built.as_data_source()
+    if split not in sources:
+        raise TrainingError(f"the {config.dataset.name} dataset has no split {split!r}; "
+                            f"it has {sorted(sources)}")
+    source = sources[split]
+    devices = jax.local_device_count()
+    _, options_eval = pipeline_options(config)
+    options_eval = dataclasses.replace(options_eval, captions="sample",
+                                       batch_size=-(-batch_size // devices) * devices,
+                                       process_index=0, process_count=1)
+    features = (None if run.reads_images else
+                prepare_features(config, built, run.workdir / "encoder", split))
+    batches = Batcher(source, run.vocabulary, options_eval, features)
+    search = CaptionSearch(run.model, run.variables, run.vocabulary, options,
+                           max_batch=options_eval.batch_size)
+    decoded = {}
+    for batch in batches.epoch(0):
+        out = search(model_inputs(batch))
+        for row, (image, weight) in enumerate(zip(batch["image_index"], batch["weights"])):
+            if weight:
+                words = len(out.texts[row].split())
+                decoded[int(image)] = (out.texts[row], float(out.scores[row]),
+                                       out.alphas[row, :words])
+    index = batches.index
+    order = sorted(decoded)
+    assert order == list(range(len(index))), "every image is decoded once"
+    return DecodedSplit(
+        image_ids=index.image_ids, references=index.captions,
+        captions=[decoded[i][0] for i in order], scores=[decoded[i][1] for i in order],
+        alphas=[decoded[i][2] for i in order],
+        objects=[_objects(source[i]) for i in order] if config.dataset.name == "shapes" else [])
+
+
+def score_split(decoded: DecodedSplit, metrics=COCO_METRICS, tokenizer: str = "auto") -> dict:
+    keys = range(len(decoded.image_ids))
+    scores = caption_metrics({k: decoded.references[k] for k in keys},
+                             {k: decoded.captions[k] for k in keys}, metrics, tokenizer)
+    if decoded.objects:
+        scores.update(grounded_metrics(decoded.captions, decoded.alphas, decoded.objects))
+    scores["images"] = len(decoded.image_ids)
+    return scores
+
+
+def coco_results(decoded: DecodedSplit, dataset: str) -> list[dict]:
+    """``[{"image_id", "caption"}]``; COCO's numeric ids where the file names carry them."""
+    def image_id(name: str):
+        match = re.search(r"_(\d+)\.jpg$", name) if dataset == "coco" else None
+        return int(match.group(1)) if match else name
+
+    return [{"image_id": image_id(name), "caption": caption}
+            for name, caption in zip(decoded.image_ids, decoded.captions)]
+
+
+def _write_json(path: Path, value) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=1) + "\n", encoding="utf8")
+    os.replace(partial, path)
+
+
+def evaluate_run(run: TrainedRun, split: str, options: SearchOptions, batch_size: int = 64,
+                 metrics=COCO_METRICS, tokenizer: str = "auto", log=None) -> dict:
+    """Decodes and scores ``split`` (and ``novel`` on shapes); writes the result files."""
+    log = log or (lambda message: print(message, file=sys.stderr))
+    if tokenizer == "auto":
+        tokenizer = "ptb" if java_available() else "python"
+    if "meteor" in metrics and not java_available():
+        log("warning: Java is not installed: METEOR is skipped, captions are tokenised in Python")
+        metrics = [m for m in metrics if m != "meteor"]
+    splits = [split]
+    if run.config.dataset.name == "shapes" and split != "novel":
+        splits.append("novel")
+    report = {"workdir": str(run.workdir), "step": run.step, "split": split,
+              "search": dataclasses.asdict(options), "tokenizer": tokenizer, "metrics": {}}
+    for name in splits:
+        try:
+            decoded = decode_split(run, name, options, batch_size)
+        except TrainingError:
+            if name == split:
+                raise
+            continue  # a shapes dataset built without a novel split
+        report["metrics"][name] = score_split(decoded, metrics, tokenizer)
+        _write_json(run.workdir / f"captions_{name}.json",
+                    coco_results(decoded, run.config.dataset.name))
+    _write_json(run.workdir / f"eval_{split}.json", report)
+    return report
+
+
+def format_table(report: dict) -> str:
+    splits = list(report["metrics"])
+    lines = [f"{'metric':24s}" + "".join(f"{s:>10s}" for s in splits)]
+    for key, label in TABLE_ROWS:
+        values = [report["metrics"][s].get(key) for s in splits]
+        if all(v is None for v in values):
+            continue
+        lines.append(f"{label:24s}" + "".join(
+            f"{'-':>10s}" if v is None else f"{v:>10d}" if isinstance(v, int) else f"{v:>10.4f}"
+            for v in values))
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    """``jaxcap evaluate``: see ``jaxcap.cli``."""
+    from jaxcap.caption import search_options
+
+    run = load_run(args.workdir)
+    metrics = [m for m in COCO_METRICS if not (args.no_meteor and m == "meteor")]
+    report = evaluate_run(run, args.split, search_options(args, run), args.batch_size, metrics)
+    print(f"{report['workdir']}: best checkpoint (step {report['step']}), beam "
+          f"{report['search']['beam_size']}, {report['tokenizer']} tokenizer")
+    print(format_table(report))
+    print(f"written: {run.workdir / f'eval_{args.split}.json'} and captions_<split>.json beside it",
+          file=sys.stderr)
+    return 0

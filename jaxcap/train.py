@@ -55,8 +55,8 @@ from jaxcap.data import builders, glove, shapes
 from jaxcap.data.pipeline import Batcher, FeatureStore, PipelineOptions, SplitIndex
 from jaxcap.data.text import PAD_ID, Vocabulary
 from jaxcap.decode import CaptionSearch, SearchOptions
-from jaxcap.evaluate import bleu
 from jaxcap.extract import extract_entries
+from jaxcap.metrics import caption_metrics
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoder import CaptionDecoder
 from jaxcap.models.encoder import build_encoder, load_encoder, read_metadata
@@ -136,7 +136,7 @@ def _data_dir(config) -> Path:
     return Path(os.path.expanduser(config.dataset.data_dir)).absolute()
 
 
-def _dataset(config):
+def prepare_dataset(config):
     built = builders.prepare(config.dataset.name, _data_dir(config),
                              config.dataset.manual_dir or None, spec=_shapes_spec(config),
                              strict=config.dataset.strict, split_seed=config.dataset.split_seed)
@@ -171,6 +171,19 @@ def prepare_features(config, built, encoder_dir: Path, split: str) -> FeatureSto
 
 def _image_bytes(source, index: int) -> bytes:
     return source[index]["image"].tobytes()
+
+
+def pipeline_options(config) -> tuple[PipelineOptions, PipelineOptions]:
+    """Options of the training batches and of the evaluation batches (in order, all images)."""
+    options = PipelineOptions(
+        batch_size=config.batch_size, max_length=config.text.max_length, seed=config.seed,
+        captions=config.text.captions, drop_remainder=True,
+        length_multiple=config.text.length_multiple, bucket_window=config.text.bucket_window,
+        image_size=config.encoder.image_size,
+        resize=config.encoder.resize, num_threads=config.num_threads,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    return options, dataclasses.replace(options, batch_size=config.eval.batch_size, shuffle=False,
+                                        drop_remainder=False, length_multiple=0)
 
 
 # ------------------------------------------------------------------------- model
@@ -244,7 +257,7 @@ def init_state(model: Captioner, config, inputs_shape, embedding: np.ndarray,
 # --------------------------------------------------------------------- the steps
 
 
-def _inputs(batch):
+def model_inputs(batch):
     return batch["features"] if "features" in batch else batch["image"]
 
 
@@ -254,7 +267,7 @@ def loss_terms(model: Captioner, variables, batch, alpha_c: float, label_smoothi
     tokens = batch["tokens"]
     targets = tokens[:, 1:]
     weights = batch["weights"]
-    logits, alphas = model.apply(variables, _inputs(batch), tokens[:, :-1], train=train,
+    logits, alphas = model.apply(variables, model_inputs(batch), tokens[:, :-1], train=train,
                                  rngs={"dropout": rng} if train else {})
     mask = (targets != PAD_ID).astype(jnp.float32) * weights[:, None]
     if label_smoothing:
@@ -443,15 +456,15 @@ def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index
         out = flax.jax_utils.unreplicate(p_eval(replicated, _shard(batch, devices)))
         for key in sums:
             sums[key] += float(out[key])
-        texts = search(_inputs(batch)).texts
+        texts = search(model_inputs(batch)).texts
         for text, image, weight in zip(texts, batch["image_index"], batch["weights"]):
             if weight:
                 hypotheses[int(image)] = text
     references = {i: index.captions[i] for i in hypotheses}
-    scores = bleu(references, hypotheses)
+    # The Python tokenizer: BLEU as pycocoevalcap's scorer computes it, without starting Java.
+    scores = caption_metrics(references, hypotheses, metrics=("bleu",), tokenizer="python")
     loss = sums["ce"] / max(sums["tokens"], 1) + sums["penalty"] / max(sums["examples"], 1)
-    return {"val_loss": loss, **{f"bleu{n + 1}": s for n, s in enumerate(scores)},
-            "examples": dict(list(hypotheses.items())[:3])}
+    return {"val_loss": loss, **scores, "examples": dict(list(hypotheses.items())[:3])}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -461,7 +474,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     _write_or_check_config(config, workdir)
     log = functools.partial(print, file=sys.stderr)
 
-    built = _dataset(config)
+    built = prepare_dataset(config)
     sources = built.as_data_source()
     train_index = SplitIndex(sources["train"])
     vocabulary_path = workdir / "vocabulary.json"
@@ -485,15 +498,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if config.batch_size % devices:
         raise TrainingError(f"batch_size {config.batch_size} is not a multiple of the "
                             f"{devices} local devices")
-    options = PipelineOptions(
-        batch_size=config.batch_size, max_length=config.text.max_length, seed=config.seed,
-        captions=config.text.captions, drop_remainder=True,
-        length_multiple=config.text.length_multiple, bucket_window=config.text.bucket_window,
-        image_size=config.encoder.image_size,
-        resize=config.encoder.resize, num_threads=config.num_threads,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    eval_options = dataclasses.replace(options, batch_size=config.eval.batch_size, shuffle=False,
-                                       drop_remainder=False, length_multiple=0)
+    options, eval_options = pipeline_options(config)
     if config.encoder.mode == "features":
         train_features = prepare_features(config, built, encoder_dir, "train")
         val_features = prepare_features(config, built, encoder_dir, "val")

@@ -59,3 +59,30 @@ def loopback_server(tmp_path):
     yield served, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+TINY_CONFIG = os.path.join(os.path.dirname(__file__), "tiny_config.py")
+
+
+def _train_tiny(tmp_path_factory, name, *overrides):
+    from jaxcap import cli
+
+    data_dir = tmp_path_factory.getbasetemp() / "tiny_datasets"
+    workdir = tmp_path_factory.mktemp("runs") / name
+    assert cli.main(["train", "--config", TINY_CONFIG, "--workdir", str(workdir),
+                     f"--config.dataset.data_dir={data_dir}",
+                     "--config.dataset.shapes.num_novel=8", *overrides]) == 0
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny shapes run trained end to end (with a novel split), for caption and evaluate."""
+    return _train_tiny(tmp_path_factory, "end_to_end")
+
+
+@pytest.fixture(scope="session")
+def trained_features_run(tmp_path_factory):
+    """The same on cached features: captioning image files puts the encoder in front."""
+    return _train_tiny(tmp_path_factory, "features", "--config.encoder.mode=features",
+                       "--config.num_epochs=1")

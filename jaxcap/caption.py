@@ -1,0 +1,184 @@
+"""``jaxcap caption``: caption image files with a trained run.
+
+The run directory says everything: the best checkpoint, the vocabulary, the
+encoder and how its images were prepared (size, resize policy,
+normalisation). Images are decoded by a thread pool, captioned in batches
+with ``CaptionSearch`` (one compilation per bucket size, all local devices)
+and written as JSON lines ``{"image", "caption", "score"}`` in the order
+given. An unusable file is reported on stderr with the reason and skipped.
+
+``--attention-dir`` adds one PNG per image in the Show, Attend and Tell style:
+the image, then one panel per word with the attention it was emitted under,
+upsampled from the feature grid and laid over the image.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from jaxcap.data.images import ImageError, load_image
+from jaxcap.decode import CaptionSearch, SearchOptions
+from jaxcap.extract import list_images
+from jaxcap.runs import load_run
+
+PANEL = 224  # pixels per panel side in attention figures
+LABEL = 20  # pixels under each panel for its word
+COLUMNS = 5
+
+
+class CaptionError(Exception):
+    """Arguments that cannot be used; the message says what to do."""
+
+
+def attention_figure(image: np.ndarray, words: list[str], alphas: np.ndarray,
+                     columns: int = COLUMNS) -> Image.Image:
+    """The image, then one panel per word: ``alphas`` (words, P) over a square grid.
+
+    ``image`` is what the model saw, at any square size; panels are ``PANEL``
+    pixels with the word written under each, ``columns`` panels per row.
+    """
+    grid = math.isqrt(alphas.shape[-1])
+    if grid * grid != alphas.shape[-1] or len(alphas) < len(words):
+        raise ValueError(f"need one square attention map per word, got {alphas.shape} for "
+                         f"{len(words)} words")
+    picture = np.asarray(Image.fromarray(image).resize((PANEL, PANEL), Image.Resampling.BICUBIC),
+                         np.float32)
+    panels = [(Image.fromarray(picture.astype(np.uint8)), "")]
+    for word, alpha in zip(words, alphas):
+        heat = Image.fromarray(alpha.reshape(grid, grid).astype(np.float32), mode="F")
+        heat = np.asarray(heat.resize((PANEL, PANEL), Image.Resampling.BILINEAR))
+        heat = heat / max(float(heat.max()), 1e-12)
+        shaded = picture * (0.15 + 0.85 * heat[..., None])  # unattended regions fade to black
+        panels.append((Image.fromarray(np.clip(shaded, 0, 255).astype(np.uint8)), word))
+    columns = min(columns, len(panels))
+    rows = -(-len(panels) // columns)
+    figure = Image.new("RGB", (columns * PANEL, rows * (PANEL + LABEL)), "white")
+    draw = ImageDraw.Draw(figure)
+    for index, (panel, word) in enumerate(panels):
+        x, y = (index % columns) * PANEL, (index // columns) * (PANEL + LABEL)
+        figure.paste(panel, (x, y))
+        draw.text((x + 4, y + PANEL + 4), word, fill="black")
+    return figure
+
+
+def gather_images(arguments: list[str]) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """``(name, path)`` of every file named or inside a named folder; and the missing ones."""
+    found, missing = [], []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found += [(str(path / name), file) for name, file in list_images(path)]
+        elif path.is_file():
+            found.append((argument, path))
+        else:
+            missing.append((argument, "no such file or directory"))
+    return found, missing
+
+
+def _load(path: Path, size: int, resize: str):
+    try:
+        return load_image(path, size, resize), None
+    except ImageError as error:
+        return None, str(error)
+    except OSError as error:
+        return None, error.strerror or str(error)
+
+
+def _figure_names(names: list[str]) -> dict[str, str]:
+    """A distinct ``.png`` name per image (``a/x.jpg`` and ``b/x.jpg`` both have stem x)."""
+    taken: dict[str, int] = {}
+    out = {}
+    for name in names:
+        stem = Path(name).stem
+        taken[stem] = taken.get(stem, 0) + 1
+        out[name] = f"{stem}.png" if taken[stem] == 1 else f"{stem}-{taken[stem]}.png"
+    return out
+
+
+def caption_images(run, images: list[tuple[str, Path]], options: SearchOptions,
+                   batch_size: int = 64, attention_dir: str | os.PathLike | None = None,
+                   write=print, report=None, workers: int = 8) -> tuple[int, int]:
+    """Captions ``images`` in order, ``write``-ing one JSON line each; returns (done, skipped).
+
+    Unusable files go to ``report(name, reason)`` and are skipped.
+    """
+    report = report or (lambda name, reason: print(f"skipped {name}: {reason}", file=sys.stderr))
+    config = run.config
+    size, resize = config.encoder.image_size, config.encoder.resize
+    search = CaptionSearch(run.image_model, run.image_variables, run.vocabulary, options,
+                           max_batch=batch_size)
+    figures = _figure_names([name for name, _ in images])
+    if attention_dir is not None:
+        attention_dir = Path(attention_dir)
+        attention_dir.mkdir(parents=True, exist_ok=True)
+    done = skipped = 0
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            loaded = list(pool.map(lambda item: _load(item[1], size, resize), chunk))
+            usable = []
+            for (name, path), (pixels, error) in zip(chunk, loaded):
+                if error is None:
+                    usable.append((name, path, pixels))
+                else:
+                    report(name, error)
+                    skipped += 1
+            if not usable:
+                continue
+            captions = search(np.stack([pixels for _, _, pixels in usable]))
+            for row, (name, path, _) in enumerate(usable):
+                write(json.dumps({"image": name, "caption": captions.texts[row],
+                                  "score": float(captions.scores[row])}))
+                if attention_dir is not None:
+                    words = captions.texts[row].split()
+                    picture, _ = _load(path, PANEL, resize)  # what the model saw, sharper
+                    attention_figure(picture, words, captions.alphas[row, :len(words)]).save(
+                        attention_dir / figures[name])
+            done += len(usable)
+    return done, skipped
+
+
+def search_options(args, run) -> SearchOptions:
+    """The search options of the ``caption`` and ``evaluate`` command lines."""
+    if args.batch_size < 1:
+        raise CaptionError("--batch-size must be at least 1")
+    try:
+        return SearchOptions(
+            beam_size=args.beam, max_length=args.max_length or run.config.eval.max_length,
+            min_length=args.min_length, length_penalty=args.length_penalty,
+            no_repeat_ngram=args.no_repeat_ngram, temperature=args.temperature,
+            top_k=args.top_k, seed=args.seed)
+    except ValueError as error:
+        raise CaptionError(str(error)) from None
+
+
+def main(args) -> int:
+    """``jaxcap caption``: see ``jaxcap.cli``."""
+    run = load_run(args.workdir)
+    options = search_options(args, run)
+    images, missing = gather_images(args.images)
+    for name, reason in missing:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    output = Path(args.output) if args.output else None
+    partial = output.with_name(output.name + ".partial") if output else None
+    handle = open(partial, "w", encoding="utf8") if output else sys.stdout
+    try:
+        done, skipped = caption_images(
+            run, images, options, args.batch_size, args.attention_dir,
+            write=lambda line: print(line, file=handle, flush=output is None))
+    finally:
+        if output:
+            handle.close()
+    if output:
+        os.replace(partial, output)  # a finished file or none: an old one is never half-replaced
+    print(f"captioned {done} images with {run.workdir} (step {run.step}); skipped "
+          f"{skipped + len(missing)}", file=sys.stderr)
+    return 0 if done or not (skipped or missing) else 1
