@@ -5,11 +5,14 @@ that does not depend on the previous step outside its scan:
 
 * ``project(features)`` runs once per image, before the scan: whatever the
   variant can precompute from the regions alone (``(B, P, A)`` for soft).
-* ``attend(projected, features, query)`` runs at every step with the
-  decoder's query (already projected to ``A`` by the decoder, fused with its
-  other h-matmuls) and returns ``(context (B, D), alpha (B, P))``.
+* ``weights(projected, query)`` runs at every step with the decoder's query
+  (already projected to ``A`` by the decoder, fused with its other
+  h-matmuls) and returns the attention weights ``alpha (B, P)``; the decoder
+  makes the context ``sum_p alpha_p * region_p`` from them.
 
-Adding a variant is one class here and one entry in ``ATTENTIONS``.
+The decoder's hand-written backward pass differentiates ``weights`` with
+``jax.vjp``, so a variant needs no gradient code of its own. Adding a variant
+is one class here and one entry in ``ATTENTIONS``.
 """
 
 from __future__ import annotations
@@ -35,11 +38,9 @@ class SoftAttention(nn.Module):
     def project(self, features):
         return self.encoder_projection(features)
 
-    def attend(self, projected, features, query):
+    def weights(self, projected, query):
         scores = self.score(nn.relu(projected + query[:, None, :]))[..., 0]  # (B, P)
-        alpha = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-        context = jnp.einsum("bp,bpd->bd", alpha.astype(features.dtype), features)
-        return context, alpha
+        return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
 
 
 ATTENTIONS = {"soft": SoftAttention}

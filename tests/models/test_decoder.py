@@ -106,3 +106,40 @@ def test_unknown_attention_variant_is_refused(rng):
     model = Captioner(CaptionDecoder(vocab_size=5, feature_dim=4, variant="hard"))
     with pytest.raises(ValueError, match="unknown attention variant 'hard'"):
         model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 3), jnp.int32))
+
+
+def _unrolled(model, variables, features, tokens):
+    """The decoder as a Python loop over its step: what JAX's own autodiff differentiates."""
+    bound = model.decoder.bind({"params": variables["params"]["decoder"]})
+    regions, projected, carry = bound.start(features)
+    gates = bound.word_gates(bound.embed(tokens))
+    hidden, alphas = [], []
+    for t in range(gates.shape[1]):
+        carry, (h, alpha) = bound.step(carry, gates[:, t], projected, regions)
+        hidden.append(h)
+        alphas.append(alpha)
+    return bound.logits(jnp.stack(hidden, 1), False), jnp.stack(alphas, 1)
+
+
+def test_hand_written_backward_equals_autodiff_of_the_unrolled_step(setup):
+    model, variables, batch = setup
+    inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+    mask = (targets != 0).astype(jnp.float32)
+
+    def loss_of(logits, alphas):
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        mass = jnp.einsum("btp,bt->bp", alphas, mask)
+        # Both outputs' cotangents matter: the hidden states' and the attention weights'.
+        return jnp.sum(ce * mask) / mask.sum() + jnp.sum(jnp.sin(3 * mass))
+
+    def scanned(params, features):
+        return loss_of(*model.apply({"params": params}, features, inputs))
+
+    def unrolled(params, features):
+        return loss_of(*_unrolled(model, {"params": params}, features, inputs))
+
+    # Parameters, and the features (whose gradient fine-tuning the encoder needs).
+    ours = jax.grad(scanned, argnums=(0, 1))(variables["params"], batch["features"])
+    reference = jax.grad(unrolled, argnums=(0, 1))(variables["params"], batch["features"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(  # float32 rounding, to scale
+        a, b, rtol=2e-5, atol=1e-6 * float(np.abs(b).max())), ours, reference)
