@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import best_seconds, machine, matmul_gflops  # noqa: E402
+from benchmarks.train_bench import decoder_macs  # noqa: E402
 from jaxcap import configs  # noqa: E402
 from jaxcap.data.text import END_ID, PAD_ID, START_ID, Vocabulary  # noqa: E402
 from jaxcap.decode import CaptionSearch, SearchOptions  # noqa: E402
@@ -133,12 +134,8 @@ def tutorial_beam_search(decoder, features, k: int, max_length: int) -> list[int
 
 def beam_flops_per_caption(steps: int = MAX_LENGTH - 1, beam: int = BEAM) -> float:
     """Matmul FLOPs of one image's beam search (per beam and step, plus once per image)."""
-    regions = GRID * GRID
-    once = regions * FEATURES * ATTENTION + 2 * FEATURES * HIDDEN
-    per_beam_step = (HIDDEN * (ATTENTION + FEATURES + 4 * HIDDEN) + FEATURES * 4 * HIDDEN
-                     + EMBED * 4 * HIDDEN + 2 * regions * ATTENTION + regions * FEATURES
-                     + HIDDEN * VOCAB)
-    return 2.0 * (once + steps * beam * per_beam_step)
+    once, per_step = decoder_macs(GRID * GRID, FEATURES, ATTENTION, HIDDEN, EMBED, VOCAB)
+    return 2.0 * (once + steps * beam * per_step)
 
 
 def main() -> None:

@@ -114,21 +114,26 @@ def jaxcap_run(data: list[dict]):
     return run
 
 
-def train_flops_per_caption(steps: float = MAX_LENGTH - 1, regions: int = GRID * GRID,
-                            feature_dim: int = FEATURES, attention_dim: int = 512,
-                            hidden_dim: int = 512, embed_dim: int = 50,
-                            vocab: int = VOCAB) -> float:
-    """Matmul FLOPs of one caption's forward and backward over all (padded) steps.
-
-    Counted by hand: XLA's cost analysis counts a loop body once, not once per
-    step. Backward is twice the forward (input and weight gradients).
-    """
+def decoder_macs(regions: int = GRID * GRID, feature_dim: int = FEATURES,
+                 attention_dim: int = 512, hidden_dim: int = 512, embed_dim: int = 50,
+                 vocab: int = VOCAB) -> tuple[int, int]:
+    """Multiply-adds of the decoder's forward: (once per image, per step of one caption)."""
     once = regions * feature_dim * attention_dim + 2 * feature_dim * hidden_dim
     per_step = (hidden_dim * (attention_dim + feature_dim + 4 * hidden_dim)  # fused h matmul
                 + feature_dim * 4 * hidden_dim  # context share of the LSTM gates
                 + embed_dim * 4 * hidden_dim  # word share (hoisted, but per step)
                 + 2 * regions * attention_dim + regions * feature_dim  # scores, context
                 + hidden_dim * vocab)  # output layer (hoisted, but per step)
+    return once, per_step
+
+
+def train_flops_per_caption(steps: float = MAX_LENGTH - 1) -> float:
+    """Matmul FLOPs of one caption's forward and backward over all (padded) steps.
+
+    Counted by hand: XLA's cost analysis counts a loop body once, not once per
+    step. Backward is twice the forward (input and weight gradients).
+    """
+    once, per_step = decoder_macs()
     return 3 * 2 * (once + steps * per_step)
 
 
