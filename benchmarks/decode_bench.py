@@ -72,7 +72,8 @@ def torch_decoder(params):
         module.bias.copy_(bias)
 
     with torch.no_grad():
-        dense(decoder.encoder_att, p["attention"]["encoder"]["kernel"], p["attention"]["encoder"]["bias"])
+        encoder = p["attention"]["encoder"]
+        dense(decoder.encoder_att, encoder["kernel"], encoder["bias"])
         decoder.full_att.weight.copy_(p["attention"]["score"]["kernel"].T)
         decoder.full_att.bias.zero_()
         dense(decoder.decoder_att, fused_w[:, :a], fused_b[:a])

@@ -114,7 +114,8 @@ def _add_train(subparsers) -> None:
 def _add_search_options(parser) -> None:
     search = parser.add_argument_group("search")
     search.add_argument("--max-length", type=int, default=0,
-                        help="tokens, <start> and <end> included (default: the run's eval.max_length)")
+                        help="tokens, <start> and <end> included (default: the run's "
+                             "eval.max_length)")
     search.add_argument("--min-length", type=int, default=1, help="words before <end>")
     search.add_argument("--length-penalty", type=float, default=0.0,
                         help="rank finished beams by score / length**P (0: summed log-prob)")

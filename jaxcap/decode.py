@@ -174,7 +174,8 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
         # A finished beam only extends with <pad> at no cost.
         pad_only = jnp.where(jnp.arange(vocab) == PAD_ID, 0.0, -jnp.inf)
         logp = jnp.where(state["done"][..., None], pad_only, logp)
-        candidates = (state["scores"][..., None] + logp).transpose(1, 0, 2).reshape(batch, k * vocab)
+        candidates = (state["scores"][..., None] + logp).transpose(1, 0, 2)
+        candidates = candidates.reshape(batch, k * vocab)
         scores, flat = jax.lax.top_k(candidates, k)  # (B, K)
         source, token = (flat // vocab).T, (flat % vocab).T.astype(jnp.int32)  # (K, B)
 

@@ -162,7 +162,10 @@ def names_exactly(caption: str, objects: list[tuple[str, str]]) -> bool:
 
 
 def box_coverage(boxes: np.ndarray, grid: int, supersample: int = 8) -> np.ndarray:
-    """(grid, grid): the share of each cell inside the union of ``boxes`` (ymin, xmin, ymax, xmax in 0..1)."""
+    """(grid, grid): the share of each cell inside the union of ``boxes``.
+
+    Boxes are (ymin, xmin, ymax, xmax) in 0..1 of the image, as the dataset stores them.
+    """
     side = grid * supersample
     centres = (np.arange(side) + 0.5) / side
     inside = np.zeros((side, side), bool)
@@ -172,7 +175,8 @@ def box_coverage(boxes: np.ndarray, grid: int, supersample: int = 8) -> np.ndarr
     return inside.reshape(grid, supersample, grid, supersample).mean(axis=(1, 3))
 
 
-def attention_in_boxes(caption: str, alphas: np.ndarray, objects: list[dict]) -> list[tuple[float, float]]:
+def attention_in_boxes(caption: str, alphas: np.ndarray,
+                       objects: list[dict]) -> list[tuple[float, float]]:
     """``(mass inside the box, uniform share)`` for every word naming an object of the image.
 
     ``alphas`` (words, P): the attention under which each word of ``caption``
@@ -194,11 +198,13 @@ def attention_in_boxes(caption: str, alphas: np.ndarray, objects: list[dict]) ->
     return out
 
 
-def grounded_metrics(captions: list[str], alphas: list[np.ndarray], objects: list[list[dict]]) -> dict:
+def grounded_metrics(captions: list[str], alphas: list[np.ndarray],
+                     objects: list[list[dict]]) -> dict:
     """``content_accuracy``, ``attention_correctness`` and ``attention_uniform`` over images."""
     exact = [names_exactly(c, [(o["colour"], o["shape"]) for o in objs])
              for c, objs in zip(captions, objects)]
-    pairs = [p for c, a, objs in zip(captions, alphas, objects) for p in attention_in_boxes(c, a, objs)]
+    pairs = [pair for caption, alpha, objs in zip(captions, alphas, objects)
+             for pair in attention_in_boxes(caption, alpha, objs)]
     return {"content_accuracy": float(np.mean(exact)) if exact else 0.0,
             "attention_correctness": float(np.mean([m for m, _ in pairs])) if pairs else 0.0,
             "attention_uniform": float(np.mean([u for _, u in pairs])) if pairs else 0.0,

@@ -92,7 +92,8 @@ def test_captioning_images_equals_decoding_their_cached_features(trained_feature
     pixels = np.stack([load_image(shapes.encode_jpeg(shapes.scene(spec, "val", i).image),
                                   run.config.encoder.image_size) for i in index])
     options = SearchOptions(beam_size=2, max_length=run.config.eval.max_length)
-    from_images = CaptionSearch(run.image_model, run.image_variables, run.vocabulary, options)(pixels)
+    from_images = CaptionSearch(run.image_model, run.image_variables, run.vocabulary,
+                                options)(pixels)
     from_features = CaptionSearch(run.model, run.variables, run.vocabulary, options)(
         np.stack([store[n] for n in names]))
     np.testing.assert_array_equal(from_images.tokens, from_features.tokens)

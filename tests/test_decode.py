@@ -106,9 +106,12 @@ def _ngrams(row, n):
 def test_blocked_ngrams_never_repeat(setup, search):
     model, variables, features = setup
     never_end = _never_end(variables)
-    run = (lambda **kw: greedy(model, never_end, features, 9, **kw)[0]) if search == "greedy" else \
-        (lambda **kw: beam_search(model, never_end, features, 3, 9, **kw)[0])
-    # Eight words from three (<unk> is one): unblocked captions repeat bigrams, so the test can fail.
+    def run(**kwargs):
+        if search == "greedy":
+            return greedy(model, never_end, features, 9, **kwargs)[0]
+        return beam_search(model, never_end, features, 3, 9, **kwargs)[0]
+
+    # Eight words from three (<unk> is one): unblocked captions repeat bigrams (the test can fail).
     assert all(len(set(_ngrams(row, 2))) < len(_ngrams(row, 2)) for row in np.asarray(run()))
     for n in (1, 2):
         for row in np.asarray(run(no_repeat_ngram=n)):

@@ -13,9 +13,11 @@ from jaxcap.metrics import (attention_in_boxes, box_coverage, caption_metrics, j
 needs_java = pytest.mark.skipif(not java_available(),
                                 reason="pycocoevalcap's PTB tokenizer and METEOR run in Java")
 
-TOKENS = Path(__file__).parent / "data" / "dummy_data" / "official" / "Flickr8k.token.txt"
+OFFICIAL = Path(__file__).parent / "data" / "dummy_data" / "official"
+TOKENS = OFFICIAL / "Flickr8k.token.txt"
 HARD = ["A man's dog doesn't jump over the black-and-white fence.",
-        "Two dogs (one brown) play, in the snow!", 'A girl says "hello" at 3.5 p.m. near St. Mary\'s',
+        "Two dogs (one brown) play, in the snow!",
+        'A girl says "hello" at 3.5 p.m. near St. Mary\'s',
         "A boy -- wearing a hat -- runs...", "People at a bar/restaurant & a dog; it's 5:30?",
         "Dogs [running] {fast} in a field", "Mr. Smith's car isn't red; they're U.S. cars"]
 

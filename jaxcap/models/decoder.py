@@ -90,7 +90,8 @@ class CaptionDecoder(nn.Module):
         c = f * c_prev + i * g
         tanh_c = jnp.tanh(c)
         h = (o * tanh_c).astype(self.dtype)
-        return (h, c), (h, alpha), (h_prev, c_prev, query, context, sigma, gated, i, f, g, o, tanh_c)
+        saved = (h_prev, c_prev, query, context, sigma, gated, i, f, g, o, tanh_c)
+        return (h, c), (h, alpha), saved
 
     def logits(self, hidden, train: bool):
         return self.output(self.dropout(hidden, deterministic=not train)).astype(jnp.float32)
@@ -108,8 +109,9 @@ class CaptionDecoder(nn.Module):
         and attention weights (B, T, P)."""
         regions, projected, carry = self.start(features)
         word_gates = self.word_gates(self.embed(tokens))  # (B, T, 4H), all steps at once
+        backward = functools.partial(_scan_backward, self.attention_spec())
         recurrence = nn.custom_vjp(_scan_steps, forward_fn=_scan_steps_saving,
-                                   backward_fn=functools.partial(_scan_backward, self.attention_spec()))
+                                   backward_fn=backward)
         hidden, alphas = recurrence(self, carry, word_gates.swapaxes(0, 1), projected, regions)
         return self.logits(hidden.swapaxes(0, 1), train), alphas.swapaxes(0, 1)
 
