@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxcap import metrics
 from jaxcap.data import shapes
 from jaxcap.metrics import (attention_in_boxes, box_coverage, caption_metrics, java_available,
                             mentions, names_exactly, ptb_tokens, tokenize)
@@ -90,6 +91,15 @@ def test_a_perfect_caption_scores_one():
     scores = caption_metrics(references, {1: "A red circle on the left.", 2: "two blue squares"},
                              ("bleu", "rouge"), tokenizer="python")
     assert scores["bleu1"] == pytest.approx(1.0) and scores["rougeL"] == pytest.approx(1.0)
+
+
+def test_without_java_meteor_is_skipped_and_python_tokenizes(monkeypatch):
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    references, hypotheses = _fixture()
+    with pytest.warns(UserWarning, match="METEOR needs Java"):
+        scores = caption_metrics(references, hypotheses)
+    assert set(scores) == {"bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "cider"}
+    assert scores == caption_metrics(references, hypotheses, ("bleu", "rouge", "cider"), "python")
 
 
 @pytest.mark.skipif(os.environ.get("JAXCAP_TEST_METEOR") != "1" or not java_available(),
