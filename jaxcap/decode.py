@@ -221,7 +221,8 @@ class SearchOptions:
         if self.beam_size < 1 or self.max_length < 2:
             raise ValueError("beam_size must be >= 1 and max_length >= 2")
         if self.temperature < 0 or (self.temperature > 0 and self.beam_size > 1):
-            raise ValueError("sampling (temperature > 0) draws one caption: use beam_size 1")
+            raise ValueError("sampling (temperature > 0) draws one caption: "
+                             "use beam_size 1 (--beam 1)")
 
 
 @dataclasses.dataclass
