@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jaxcap.data.images import ImageError, load_image
 from jaxcap.decode import CaptionSearch, SearchOptions
-from jaxcap.extract import list_images
+from jaxcap.extract import list_images, load_or_reason
 from jaxcap.runs import load_run
 
 PANEL = 224  # pixels per panel side in attention figures
@@ -83,15 +82,6 @@ def gather_images(arguments: list[str]) -> tuple[list[tuple[str, Path]], list[tu
     return found, missing
 
 
-def _load(path: Path, size: int, resize: str):
-    try:
-        return load_image(path, size, resize), None
-    except ImageError as error:
-        return None, str(error)
-    except OSError as error:
-        return None, error.strerror or str(error)
-
-
 def _figure_names(names: list[str]) -> dict[str, str]:
     """A distinct ``.png`` name per image (``a/x.jpg`` and ``b/x.jpg`` both have stem x)."""
     taken: dict[str, int] = {}
@@ -123,7 +113,7 @@ def caption_images(run, images: list[tuple[str, Path]], options: SearchOptions,
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            loaded = list(pool.map(lambda item: _load(item[1], size, resize), chunk))
+            loaded = list(pool.map(lambda item: load_or_reason(item[1], size, resize), chunk))
             usable = []
             for (name, path), (pixels, error) in zip(chunk, loaded):
                 if error is None:
@@ -139,7 +129,7 @@ def caption_images(run, images: list[tuple[str, Path]], options: SearchOptions,
                                   "score": float(captions.scores[row])}))
                 if attention_dir is not None:
                     words = captions.texts[row].split()
-                    picture, _ = _load(path, PANEL, resize)  # what the model saw, sharper
+                    picture, _ = load_or_reason(path, PANEL, resize)  # what the model saw, sharper
                     attention_figure(picture, words, captions.alphas[row, :len(words)]).save(
                         attention_dir / figures[name])
             done += len(usable)

@@ -15,16 +15,14 @@ Writes ``RUN_DIR/eval_SPLIT.json`` (every figure and the search settings) and
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 import sys
-from pathlib import Path
 
 import jax
 
-from jaxcap.data.pipeline import Batcher
+from jaxcap.data.pipeline import Batcher, record_text
 from jaxcap.decode import CaptionSearch, SearchOptions
+from jaxcap.extract import write_json_atomic
 from jaxcap.metrics import COCO_METRICS, caption_metrics, grounded_metrics, java_available
 from jaxcap.runs import TrainedRun, load_run
 from jaxcap.train import (TrainingError, model_inputs, pipeline_options, prepare_dataset,
@@ -47,13 +45,9 @@ class DecodedSplit:
     objects: list[list[dict]]  # per image; empty without grounding
 
 
-def _text(value) -> str:
-    return value.decode("utf8") if isinstance(value, bytes) else str(value)
-
-
 def _objects(record) -> list[dict]:
     objects = record["objects"]
-    return [{"colour": _text(c), "shape": _text(s), "box": box}
+    return [{"colour": record_text(c), "shape": record_text(s), "box": box}
             for c, s, box in zip(objects["colour"], objects["shape"], objects["box"])]
 
 
@@ -115,12 +109,6 @@ def coco_results(decoded: DecodedSplit, dataset: str) -> list[dict]:
             for name, caption in zip(decoded.image_ids, decoded.captions)]
 
 
-def _write_json(path: Path, value) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=1) + "\n", encoding="utf8")
-    os.replace(partial, path)
-
-
 def evaluate_run(run: TrainedRun, split: str, options: SearchOptions, batch_size: int = 64,
                  metrics=COCO_METRICS, tokenizer: str = "auto", log=None) -> dict:
     """Decodes and scores ``split`` (and ``novel`` on shapes); writes the result files."""
@@ -143,9 +131,9 @@ def evaluate_run(run: TrainedRun, split: str, options: SearchOptions, batch_size
                 raise
             continue  # a shapes dataset built without a novel split
         report["metrics"][name] = score_split(decoded, metrics, tokenizer)
-        _write_json(run.workdir / f"captions_{name}.json",
+        write_json_atomic(run.workdir / f"captions_{name}.json",
                     coco_results(decoded, run.config.dataset.name))
-    _write_json(run.workdir / f"eval_{split}.json", report)
+    write_json_atomic(run.workdir / f"eval_{split}.json", report)
     return report
 
 

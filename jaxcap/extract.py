@@ -88,17 +88,22 @@ def make_feature_fn(module, variables, style: str, out_dtype, devices):
     return run
 
 
-def _decode(source, image_size: int, resize: str):
-    """``source``: a path, or a function returning the file's bytes (a dataset record)."""
+def load_or_reason(source, image_size: int, resize: str):
+    """``(pixels, None)``, or ``(None, why)`` for a file that is not a usable image.
+
+    ``source``: a path, or a function returning the file's bytes (a dataset record).
+    """
     try:
         return load_image(source() if callable(source) else source, image_size, resize), None
     except FileNotFoundError:
         return None, "no such file"
     except ImageError as error:
         return None, str(error)
+    except OSError as error:  # unreadable: permissions, a directory, an I/O error
+        return None, error.strerror or str(error)
 
 
-def _write_json_atomic(path: Path, record: dict) -> None:
+def write_json_atomic(path: Path, record) -> None:
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(partial, path)
@@ -171,7 +176,7 @@ def extract_entries(weights: str | os.PathLike, entries: list, out: str | os.Pat
         del rows
         _finish(out, entries, record)
     record["complete"] = True
-    _write_json_atomic(record_path, record)
+    write_json_atomic(record_path, record)
     kept = record["total"] - len(record["skipped"])
     log(f"extracted {kept} images -> {out}/features.npy {(kept, *row_shape)} {dtype}; "
         f"skipped {len(record['skipped'])}" +
@@ -189,7 +194,7 @@ def _run_batches(entries, record, rows, feature_fn, batch_size, image_size, resi
 
         def submit(start):
             chunk = entries[start:start + batch_size]
-            decoding.append((start, [pool.submit(_decode, path, image_size, resize)
+            decoding.append((start, [pool.submit(load_or_reason, path, image_size, resize)
                                      for _, path in chunk]))
 
         for start in starts[:2]:  # decode one batch ahead of the one being computed
@@ -223,7 +228,7 @@ def _commit(pending, rows, record, record_path, bar):
     rows.flush()
     record["done"] = start + count
     record["skipped"].extend(skipped)
-    _write_json_atomic(record_path, record)
+    write_json_atomic(record_path, record)
     bar.update(count)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from jaxcap import cli
 from jaxcap.data.images import load_image
+from jaxcap.data.pipeline import record_text
 from jaxcap.decode import CaptionSearch, SearchOptions
 from jaxcap.evaluate import decode_split
 from jaxcap.metrics import caption_metrics
@@ -34,8 +35,8 @@ def test_evaluate_reports_coco_and_grounded_metrics_and_writes_results(trained_r
     run = load_run(trained_run)
     test = prepare_dataset(run.config).as_data_source("test")
     results = json.loads((trained_run / "captions_test.json").read_text())
-    references = {r["image_id"]: [str(c, "utf8") if isinstance(c, bytes) else str(c)
-                                  for c in test[i]["captions"]] for i, r in enumerate(results)}
+    references = {r["image_id"]: [record_text(c) for c in test[i]["captions"]]
+                  for i, r in enumerate(results)}
     expected = caption_metrics(references, {r["image_id"]: r["caption"] for r in results},
                                ("bleu", "cider"), report["tokenizer"])
     for key, value in expected.items():

@@ -75,14 +75,15 @@ class SplitIndex:
         self.captions: list[list[str]] = []
         for i in range(len(source)):
             record = source[i]
-            self.image_ids.append(_text(record["image_id"]))
-            self.captions.append([_text(c) for c in record["captions"]])
+            self.image_ids.append(record_text(record["image_id"]))
+            self.captions.append([record_text(c) for c in record["captions"]])
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
 
-def _text(value) -> str:
+def record_text(value) -> str:
+    """A TFDS text field as ``str`` (data sources return bytes)."""
     return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
 
