@@ -43,7 +43,8 @@ def _evals(workdir):
     return [(r["epoch"], r["val_loss"], r["bleu4"]) for r in lines if "val_loss" in r]
 
 
-def test_pmap_step_on_four_devices_equals_one_device_on_the_whole_batch(rng):
+def _tiny_training(rng):
+    """A tiny decoder's state, a batch of 8 captions and its train step."""
     config = configs.load(TINY)
     config.decoder.dropout = 0.0  # each device draws its own dropout mask
     config.schedule = "constant"  # warmup would make the first update zero
@@ -59,6 +60,11 @@ def test_pmap_step_on_four_devices_equals_one_device_on_the_whole_batch(rng):
              "weights": np.ones(8, np.float32)}
     step = lambda s, b, r: train_step(s, b, r, model=model, tx=tx, alpha_c=1.0,  # noqa: E731
                                       label_smoothing=0.1)
+    return state, batch, step
+
+
+def test_pmap_step_on_four_devices_equals_one_device_on_the_whole_batch(rng):
+    state, batch, step = _tiny_training(rng)
     rng_key = jax.random.PRNGKey(3)
     devices = jax.local_devices()
     assert len(devices) == 4
@@ -73,6 +79,22 @@ def test_pmap_step_on_four_devices_equals_one_device_on_the_whole_batch(rng):
                  four[0].params, one[0].params)
     assert not np.allclose(four[0].params["decoder"]["output"]["kernel"][0],
                            state.params["decoder"]["output"]["kernel"])
+
+
+@pytest.mark.parametrize("device_count", [1, 4])
+def test_a_nonfinite_step_leaves_parameters_and_adam_moments_untouched(rng, device_count):
+    state, batch, step = _tiny_training(rng)
+    batch["features"][0, 0, 0, 0] = np.nan  # one image, on the first device only
+    devices = jax.local_devices()[:device_count]
+    new, metrics = jax.pmap(step, axis_name="batch", devices=devices)(
+        flax.jax_utils.replicate(state, devices),
+        jax.tree.map(lambda x: x.reshape(device_count, -1, *x.shape[1:]), batch),
+        flax.jax_utils.replicate(jax.random.PRNGKey(3), devices))
+    assert not np.isfinite(metrics["loss"]).any()
+    assert new.nonfinite.all() and (new.step == 1).all()
+    jax.tree.map(lambda kept, old: np.testing.assert_array_equal(
+        kept, np.broadcast_to(old, kept.shape)), (new.params, new.opt_state),
+        (state.params, state.opt_state))
 
 
 @pytest.fixture(scope="module")
