@@ -71,13 +71,21 @@ def _top_k_cut(scaled_logp, top_k: int):
     return jnp.where(scaled_logp < kth, -jnp.inf, scaled_logp)
 
 
+def _batch_and_regions(model: Captioner, variables, inputs, context, carry) -> tuple[int, int]:
+    """The batch size and the number of regions a step attends over (static shapes)."""
+    tokens = jnp.zeros(inputs.shape[0], jnp.int32)
+    alpha = jax.eval_shape(lambda: model.apply(variables, context, carry, tokens,
+                                               method=Captioner.decode_step))[2]
+    return alpha.shape
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_length", "min_length",
                                              "no_repeat_ngram", "top_k"))
 def _word_by_word(model: Captioner, variables, inputs, keys, temperature, max_length: int,
                   min_length: int, no_repeat_ngram: int, top_k: int):
     """Greedy (``keys`` None) or sampled decoding, one word per loop step."""
-    regions, projected, carry = model.apply(variables, inputs, method=Captioner.start)
-    batch, regions_count = regions.shape[:2]
+    context, carry = model.apply(variables, inputs, max_length, method=Captioner.start)
+    batch, regions_count = _batch_and_regions(model, variables, inputs, context, carry)
     state = dict(t=jnp.asarray(1), carry=carry, done=jnp.zeros(batch, bool),
                  tokens=jnp.full((batch, max_length), PAD_ID, jnp.int32).at[:, 0].set(START_ID),
                  scores=jnp.zeros(batch, jnp.float32),
@@ -88,8 +96,9 @@ def _word_by_word(model: Captioner, variables, inputs, keys, temperature, max_le
 
     def body(state):
         t, done = state["t"], state["done"]
-        carry, logits, alpha = model.apply(variables, state["tokens"][:, t - 1], state["carry"],
-                                           projected, regions, method=Captioner.decode_step)
+        carry, logits, alpha = model.apply(variables, context, state["carry"],
+                                           state["tokens"][:, t - 1],
+                                           method=Captioner.decode_step)
         logp = _next_word_logp(logits, state["tokens"], t, min_length, no_repeat_ngram)
         if keys is None:
             token = jnp.argmax(logp, axis=-1)
@@ -144,19 +153,19 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
     as every beam of every image has ended. The feature grid is shared by an image's
     beams (``vmap`` over the beam axis with the grid unbatched), never copied per beam.
     """
-    regions, projected, (h, c) = model.apply(variables, inputs, method=Captioner.start)
-    batch, regions_count = regions.shape[0], regions.shape[1]
+    context, carry = model.apply(variables, inputs, max_length, method=Captioner.start)
+    batch, regions_count = _batch_and_regions(model, variables, inputs, context, carry)
     k = beam_size
 
     def beam_step(tokens, carry):
-        # tokens (K, B), carry (K, B, H) -> logits (K, B, V), alpha (K, B, P)
-        return jax.vmap(lambda t, cr: model.apply(variables, t, cr, projected, regions,
-                                                  method=Captioner.decode_step),
-                        in_axes=(0, 0))(tokens, carry)
+        # tokens (K, B), carry (K, B, ...) -> logits (K, B, V), alpha (K, B, P); the
+        # context (the image's regions) is shared by the beams, not copied.
+        return jax.vmap(lambda t, cr: model.apply(variables, context, cr, t,
+                                                  method=Captioner.decode_step))(tokens, carry)
 
     tokens = jnp.full((k, batch, max_length), PAD_ID, jnp.int32).at[:, :, 0].set(START_ID)
     scores = jnp.where(jnp.arange(k)[:, None] == 0, 0.0, -jnp.inf) * jnp.ones((k, batch))
-    carry = (jnp.broadcast_to(h, (k, *h.shape)), jnp.broadcast_to(c, (k, *c.shape)))
+    carry = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), carry)
     state = dict(t=jnp.asarray(1), tokens=tokens, scores=scores, carry=carry,
                  done=jnp.zeros((k, batch), bool), lengths=jnp.ones((k, batch), jnp.int32),
                  alphas=jnp.zeros((k, batch, max_length - 1, regions_count), jnp.float32))

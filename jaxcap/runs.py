@@ -75,6 +75,7 @@ def load_run(workdir) -> TrainedRun:
         image_model = make_model(image_config, len(vocabulary), metadata)
         image_variables = {"params": {"decoder": state.params["decoder"],
                                       "encoder": encoder_variables["params"]},
-                           "batch_stats": {"encoder": encoder_variables["batch_stats"]}}
+                           "batch_stats": {**state.batch_stats,
+                                           "encoder": encoder_variables["batch_stats"]}}
     return TrainedRun(workdir, config, vocabulary, int(state.step), model, variables,
                       image_model, image_variables)

@@ -9,10 +9,10 @@ The loop, top to bottom:
    and in ``features`` mode its images go through ``jaxcap extract`` once, into
    a cache keyed by the encoder.
 3. ``jax.pmap`` runs the train step on every local device (``axis_name='batch'``):
-   masked token cross-entropy plus the doubly stochastic attention penalty,
-   gradients summed over devices with the loss normalised by the *global*
-   token count (so 4 devices give exactly the update of 1 device on the whole
-   batch), Optax Adam with global-norm clipping and a schedule, a dropout RNG
+   masked token cross-entropy plus the decoder variant's own loss terms (the
+   doubly stochastic attention penalty, REINFORCE, ...), gradients summed over
+   devices with each term normalised by a *global* count of tokens or examples
+   (so 4 devices give exactly the update of 1 device on the whole batch), Optax Adam with global-norm clipping and a schedule, a dropout RNG
    per device and step, the state donated.
 4. Orbax checkpoints every ``checkpoint_every_steps`` and at each epoch end
    (keeping the last ``keep_checkpoints``, asynchronously) and the best by
@@ -58,7 +58,7 @@ from jaxcap.decode import CaptionSearch, SearchOptions
 from jaxcap.extract import extract_entries
 from jaxcap.metrics import caption_metrics
 from jaxcap.models.captioner import Captioner
-from jaxcap.models.decoder import CaptionDecoder
+from jaxcap.models.decoders import make_decoder
 from jaxcap.models.encoder import build_encoder, load_encoder, read_metadata
 from jaxcap.models.resnet import output_channels
 
@@ -93,14 +93,23 @@ def _lookup(config, dotted: str):
     return node
 
 
+def _known_to(saved, current):
+    """``current`` cut to the keys ``saved`` has: a setting added to jaxcap after a run
+    was started takes its default there, so it does not stop that run from resuming."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return current
+    return {key: _known_to(saved[key], value) for key, value in current.items() if key in saved}
+
+
 def _write_or_check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     path = workdir / "config.json"
     current = json.loads(config.to_json_best_effort())
     if path.exists():
         saved = json.loads(path.read_text())
-        changed = [key for key in MODEL_KEYS if _lookup(saved, key) != _lookup(current, key)]
+        known = _known_to(saved, current)
+        changed = [key for key in MODEL_KEYS if _lookup(saved, key) != _lookup(known, key)]
         if changed:
-            details = "; ".join(f"{k}: {_lookup(saved, k)!r} -> {_lookup(current, k)!r}"
+            details = "; ".join(f"{k}: {_lookup(saved, k)!r} -> {_lookup(known, k)!r}"
                                 for k in changed)
             raise TrainingError(f"{workdir} holds a run with another model config ({details}). "
                                 "Use a new --workdir, or the original values, to resume.")
@@ -192,12 +201,10 @@ def pipeline_options(config) -> tuple[PipelineOptions, PipelineOptions]:
 def make_model(config, vocab_size: int, encoder_metadata: dict) -> Captioner:
     dtype = jnp.dtype(config.dtype)
     feature_dim = output_channels(encoder_metadata["depth"], config.encoder.stage)
-    decoder = CaptionDecoder(vocab_size=vocab_size, feature_dim=feature_dim,
-                             embed_dim=config.decoder.embed_dim,
-                             hidden_dim=config.decoder.hidden_dim,
-                             attention_dim=config.decoder.attention_dim,
-                             variant=config.decoder.variant,
-                             dropout_rate=config.decoder.dropout, dtype=dtype)
+    try:
+        decoder = make_decoder(config.decoder, vocab_size, feature_dim, dtype)
+    except ValueError as error:
+        raise TrainingError(f"{error} (--config.decoder...)") from None
     encoder = None
     if config.encoder.mode == "end_to_end":
         encoder = build_encoder(encoder_metadata, stage=config.encoder.stage,
@@ -245,10 +252,12 @@ def init_state(model: Captioner, config, inputs_shape, embedding: np.ndarray,
     variables = jax.jit(lambda: model.init(rngs, inputs, tokens))()
     params = flax.core.unfreeze(variables["params"])
     params["decoder"]["embed"]["embedding"] = jnp.asarray(embedding)
-    batch_stats = {}
+    # A decoder variant's own state (a moving average), and the encoder's BatchNorm statistics.
+    batch_stats = {key: value for key, value in variables.get("batch_stats", {}).items()
+                   if key == "decoder"}
     if encoder_variables is not None:
         params["encoder"] = encoder_variables["params"]
-        batch_stats = {"encoder": encoder_variables["batch_stats"]}
+        batch_stats["encoder"] = encoder_variables["batch_stats"]
     return TrainState(step=jnp.asarray(0, jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), lr_scale=jnp.asarray(1.0, jnp.float32),
                       nonfinite=jnp.asarray(False))
@@ -261,66 +270,95 @@ def model_inputs(batch):
     return batch["features"] if "features" in batch else batch["image"]
 
 
-def loss_terms(model: Captioner, variables, batch, alpha_c: float, label_smoothing: float,
-               train: bool, rng=None):
-    """Sums over this device's share: (cross-entropy, penalty, tokens, examples)."""
+def loss_terms(model: Captioner, variables, batch, label_smoothing: float, train: bool,
+               rng=None):
+    """This device's share of the loss, as sums: ``(terms, counts, batch_stats)``.
+
+    ``terms`` is ``{name: (sum, per)}``: the token cross-entropy (``ce``) and
+    the decoder variant's own terms, ``per`` naming the count in ``counts``
+    (``token`` or ``example``) that the sum is divided by, over all devices.
+    ``batch_stats`` is the updated collection when a training step changed the
+    decoder's own state (a variant's moving average), else None.
+    """
     tokens = batch["tokens"]
     targets = tokens[:, 1:]
     weights = batch["weights"]
-    logits, alphas = model.apply(variables, model_inputs(batch), tokens[:, :-1], train=train,
-                                 rngs={"dropout": rng} if train else {})
-    mask = (targets != PAD_ID).astype(jnp.float32) * weights[:, None]
-    if label_smoothing:
-        labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
-        ce = optax.softmax_cross_entropy(logits, labels)
-    else:
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    attention_mass = jnp.einsum("btp,bt->bp", alphas, (mask > 0).astype(alphas.dtype))
-    penalty = jnp.sum(weights * jnp.mean((1.0 - attention_mass) ** 2, axis=-1))
-    return jnp.sum(ce * mask), alpha_c * penalty, jnp.sum(mask), jnp.sum(weights)
+    real = (targets != PAD_ID).astype(jnp.float32)
+    mask = real * weights[:, None]
+
+    def forward(module: Captioner):
+        outputs = module(model_inputs(batch), tokens[:, :-1], train=train)
+        logits = outputs["logits"]
+        token_logp = -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        if label_smoothing:
+            labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]),
+                                         label_smoothing)
+            ce = optax.softmax_cross_entropy(logits, labels)
+        else:
+            ce = -token_logp
+        return {"ce": (jnp.sum(ce * mask), "token"),
+                **module.losses(outputs, token_logp * real, mask, weights, train)}
+
+    rngs = {} if rng is None else {"dropout": rng, "sample": jax.random.fold_in(rng, 1)}
+    counts = {"token": jnp.sum(mask), "example": jnp.sum(weights)}
+    if train and "decoder" in variables.get("batch_stats", {}):
+        terms, updated = model.apply(variables, method=forward, rngs=rngs,
+                                     mutable=["batch_stats"])
+        return terms, counts, updated["batch_stats"]
+    return model.apply(variables, method=forward, rngs=rngs), counts, None
 
 
-def train_step(state: TrainState, batch, base_rng, *, model, tx, alpha_c, label_smoothing):
+def train_step(state: TrainState, batch, base_rng, *, model, tx, label_smoothing):
     rng = jax.random.fold_in(jax.random.fold_in(base_rng, state.step),
                              jax.lax.axis_index("batch"))
+    several = jax.lax.axis_size("batch") > 1
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
-        ce, penalty, n_tokens, n_examples = loss_terms(model, variables, batch, alpha_c,
-                                                       label_smoothing, True, rng)
+        terms, counts, batch_stats = loss_terms(model, variables, batch, label_smoothing, True,
+                                                rng)
         # Normalised by global counts, so that summing the devices' gradients gives
         # exactly the gradient of the whole batch's loss.
-        total_tokens = jax.lax.stop_gradient(jax.lax.psum(n_tokens, "batch"))
-        total_examples = jax.lax.stop_gradient(jax.lax.psum(n_examples, "batch"))
-        loss = ce / total_tokens + penalty / total_examples
-        return loss, (ce / total_tokens, penalty / total_examples)
+        totals = {per: jax.lax.stop_gradient(jax.lax.psum(n, "batch"))
+                  for per, n in counts.items()}
+        values = {name: value / totals[per] for name, (value, per) in terms.items()}
+        return sum(values.values()), (values, batch_stats)
 
-    grads, (ce, penalty) = jax.grad(loss_fn, has_aux=True)(state.params)
-    if jax.lax.axis_size("batch") > 1:
+    grads, (values, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    if several:
         # On one device XLA still copies the whole gradient through an all-reduce.
         grads = jax.lax.psum(grads, "batch")
-    ce, penalty = jax.lax.psum(ce, "batch"), jax.lax.psum(penalty, "batch")
-    loss = ce + penalty
+    values = jax.lax.psum(values, "batch")
+    loss = sum(values.values())
 
     def update(state):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
-        return state.replace(params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state)
+        state = state.replace(params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+        if batch_stats is None:
+            return state
+        # A variant's own state (a moving average) is kept equal on every device.
+        decoder_stats = batch_stats["decoder"]
+        if several:
+            decoder_stats = jax.lax.pmean(decoder_stats, "batch")
+        return state.replace(batch_stats={**state.batch_stats, "decoder": decoder_stats})
 
     # A branch, not a select of new and old state: the select is one more pass over
     # the parameters and both Adam moments, nearly as slow as Adam itself.
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     state = jax.lax.cond(finite, update, lambda state: state, state)
     state = state.replace(step=state.step + 1, nonfinite=state.nonfinite | ~finite)
-    return state, {"loss": loss, "ce": ce, "penalty": penalty}
+    return state, {"loss": loss, **values}
 
 
-def eval_step(state: TrainState, batch, *, model, alpha_c):
+def eval_step(state: TrainState, batch, *, model):
+    """Sums over all devices: each count, and every loss term grouped by its count."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    ce, penalty, n_tokens, n_examples = loss_terms(model, variables, batch, alpha_c, 0.0, False)
-    return jax.lax.psum({"ce": ce, "penalty": penalty, "tokens": n_tokens,
-                         "examples": n_examples}, "batch")
+    terms, counts, _ = loss_terms(model, variables, batch, 0.0, False)
+    grouped = {per: {name: value for name, (value, p) in terms.items() if p == per}
+               for per in counts}
+    return jax.lax.psum({"terms": grouped, "counts": counts}, "batch")
 
 
 def _shard(batch, devices: int):
@@ -454,15 +492,15 @@ def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index
                    vocabulary, config, p_eval) -> dict:
     """Validation loss (teacher forcing, on all devices) and greedy BLEU-1..4 over a split."""
     devices = jax.local_device_count()
-    sums = {"ce": 0.0, "penalty": 0.0, "tokens": 0.0, "examples": 0.0}
+    sums = None
     hypotheses = {}
     search = CaptionSearch(model, {"params": state.params, "batch_stats": state.batch_stats},
                            vocabulary, SearchOptions(max_length=config.eval.max_length),
                            max_batch=config.eval.batch_size)
     for batch in batcher.epoch(0):
-        out = flax.jax_utils.unreplicate(p_eval(replicated, _shard(batch, devices)))
-        for key in sums:
-            sums[key] += float(out[key])
+        out = jax.device_get(flax.jax_utils.unreplicate(p_eval(replicated,
+                                                               _shard(batch, devices))))
+        sums = out if sums is None else jax.tree.map(np.add, sums, out)
         texts = search(model_inputs(batch)).texts
         for text, image, weight in zip(texts, batch["image_index"], batch["weights"]):
             if weight:
@@ -470,7 +508,8 @@ def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index
     references = {i: index.captions[i] for i in hypotheses}
     # The Python tokenizer: BLEU as pycocoevalcap's scorer computes it, without starting Java.
     scores = caption_metrics(references, hypotheses, metrics=("bleu",), tokenizer="python")
-    loss = sums["ce"] / max(sums["tokens"], 1) + sums["penalty"] / max(sums["examples"], 1)
+    loss = sum(float(value) / max(float(sums["counts"][per]), 1.0)
+               for per, terms in sums["terms"].items() for value in terms.values())
     return {"val_loss": loss, **scores, "examples": dict(list(hypotheses.items())[:3])}
 
 
@@ -541,11 +580,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     start_step = int(state.step)
     metrics_log = MetricsLog(workdir, start_step, progress.evaluated_epochs)
 
-    alpha_c, smoothing = config.decoder.alpha_c, config.decoder.label_smoothing
-    p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx, alpha_c=alpha_c,
-                                         label_smoothing=smoothing),
+    p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx,
+                                         label_smoothing=config.decoder.label_smoothing),
                        axis_name="batch", donate_argnums=(0,))
-    p_eval = jax.pmap(functools.partial(eval_step, model=model, alpha_c=alpha_c), axis_name="batch")
+    p_eval = jax.pmap(functools.partial(eval_step, model=model), axis_name="batch")
     base_rng = flax.jax_utils.replicate(jax.random.PRNGKey(config.seed + 1))
     replicated = flax.jax_utils.replicate(state)
     del state
@@ -563,15 +601,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     last_val: dict = {}
     step = start_step
     bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, desc="train")
-    interval = {"loss": 0.0, "ce": 0.0, "penalty": 0.0, "count": 0, "start": time.perf_counter()}
+    interval = {"sums": None, "count": 0, "start": time.perf_counter()}
     try:
         while step < total_steps and not progress.stopped_early:
             epoch, first = divmod(step, steps_per_epoch)
             for batch in train_batches.epoch(epoch, first):
                 replicated, metrics = p_train(replicated, _shard(batch, devices), base_rng)
                 step += 1
-                for key in ("loss", "ce", "penalty"):
-                    interval[key] = interval[key] + metrics[key][0]
+                metrics = {key: value[0] for key, value in metrics.items()}
+                interval["sums"] = metrics if interval["sums"] is None else jax.tree.map(
+                    jnp.add, interval["sums"], metrics)  # on the device: no wait here
                 interval["count"] += 1
                 bar.update(1)
                 at_epoch_end = step % steps_per_epoch == 0 or step == total_steps
@@ -579,16 +618,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     check_finite(step)
                     elapsed = time.perf_counter() - interval["start"]
                     record = {"step": step, "epoch": epoch,
-                              **{k: float(interval[k]) / interval["count"]
-                                 for k in ("loss", "ce", "penalty")},
+                              **{k: float(v) / interval["count"]
+                                 for k, v in interval["sums"].items()},
                               "learning_rate": float(schedule(step - 1)) *
                               float(replicated.lr_scale[0]),
                               "captions_per_s": interval["count"] * config.batch_size / elapsed}
                     metrics_log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}",
                                     captions_per_s=f"{record['captions_per_s']:.0f}")
-                    interval = {"loss": 0.0, "ce": 0.0, "penalty": 0.0, "count": 0,
-                                "start": time.perf_counter()}
+                    interval = {"sums": None, "count": 0, "start": time.perf_counter()}
                 if step % config.checkpoint_every_steps == 0 and not at_epoch_end:
                     check_finite(step)
                     checkpoints.save(host_state(), dataclasses.asdict(progress))

@@ -12,15 +12,15 @@ from jaxcap.data.text import END_ID, START_ID
 from jaxcap.data.text import Vocabulary
 from jaxcap.decode import CaptionSearch, SearchOptions, beam_search, greedy, sample
 from jaxcap.models.captioner import Captioner
-from jaxcap.models.decoder import CaptionDecoder
+from jaxcap.models.decoders import SoftAttentionDecoder
 
 VOCAB = 6  # <pad> <start> <end> <unk> and two words
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = Captioner(CaptionDecoder(vocab_size=VOCAB, feature_dim=6, embed_dim=4, hidden_dim=8,
-                                     attention_dim=5, dropout_rate=0.0))
+    model = Captioner(SoftAttentionDecoder(vocab_size=VOCAB, feature_dim=6, embed_dim=4,
+                                           hidden_dim=8, attention_dim=5, dropout_rate=0.0))
     features = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 2, 6)), jnp.float32)
     variables = model.init(jax.random.PRNGKey(1), features, jnp.zeros((4, 3), jnp.int32))
     # Scale the output layer so that the distributions are peaked and differ per image.
@@ -32,7 +32,7 @@ def setup():
 def _log_prob(model, variables, features, sequence):
     """Exact log-probability of ``sequence`` (after <start>) for one image, by teacher forcing."""
     tokens = jnp.asarray([[START_ID, *sequence]], jnp.int32)
-    logits, _ = model.apply(variables, features[None], tokens[:, :-1])
+    logits = model.apply(variables, features[None], tokens[:, :-1])["logits"]
     logits = logits.at[..., 0].set(-jnp.inf).at[..., START_ID].set(-jnp.inf)
     logp = jax.nn.log_softmax(logits[0], axis=-1)
     return float(sum(logp[t, token] for t, token in enumerate(sequence)))
@@ -153,7 +153,7 @@ def test_top_k_draws_only_among_the_k_most_likely_words(setup):
         tokens, _, _ = sample(model, variables, features, _keys(4, seed), 7, temperature=5.0,
                               top_k=2)
         tokens = np.asarray(tokens)
-        logits, _ = model.apply(variables, features, jnp.asarray(tokens[:, :-1]))
+        logits = model.apply(variables, features, jnp.asarray(tokens[:, :-1]))["logits"]
         logits = np.asarray(logits.at[..., 0].set(-jnp.inf).at[..., START_ID].set(-jnp.inf))
         for image, row in enumerate(tokens):
             for t in range(1, len(row)):

@@ -4,8 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from jaxcap import cli
+from jaxcap.data import shapes
 from jaxcap.data.images import load_image
 from jaxcap.data.pipeline import record_text
 from jaxcap.decode import CaptionSearch, SearchOptions
@@ -13,6 +15,7 @@ from jaxcap.evaluate import decode_split
 from jaxcap.metrics import caption_metrics
 from jaxcap.runs import load_run
 from jaxcap.train import prepare_dataset
+from tests.conftest import _train_tiny
 
 
 def test_evaluate_reports_coco_and_grounded_metrics_and_writes_results(trained_run, capsys):
@@ -63,3 +66,24 @@ def test_an_unknown_split_is_a_clear_error(trained_run, capsys):
                      "--no-meteor"]) == 2
     err = capsys.readouterr().err
     assert "no split 'dev'" in err and "novel" in err
+
+
+@pytest.mark.parametrize("variant", ["none", "hard", "adaptive", "updown", "transformer"])
+def test_every_decoder_variant_trains_captions_and_evaluates_from_its_run_directory(
+        variant, tmp_path_factory, tmp_path, capsys):
+    """``soft`` is the run the tests above use; the others go through the same commands."""
+    workdir = _train_tiny(tmp_path_factory, variant, f"--config.decoder.variant={variant}",
+                          "--config.encoder.mode=features", "--config.num_train_steps=3")
+    photo = tmp_path / "scene.png"
+    Image.fromarray(shapes.scene(shapes.ShapesSpec(image_size=32), "test", 0).image).save(photo)
+    capsys.readouterr()
+    assert cli.main(["caption", "--workdir", str(workdir), str(photo), "--beam", "2",
+                     "--attention-dir", str(tmp_path / "attention")]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["image"] == str(photo) and line["caption"]
+    assert (tmp_path / "attention" / "scene.png").is_file()
+    assert cli.main(["evaluate", "--workdir", str(workdir), "--split", "test", "--beam", "2",
+                     "--no-meteor"]) == 0
+    report = json.loads((workdir / "eval_test.json").read_text())
+    assert report["metrics"]["test"]["images"] == 8
+    assert 0 <= report["metrics"]["test"]["attention_correctness"] <= 1

@@ -15,7 +15,7 @@ import pytest
 
 from jaxcap import cli, configs
 from jaxcap.models.captioner import Captioner
-from jaxcap.models.decoder import CaptionDecoder
+from jaxcap.models.decoders import SoftAttentionDecoder
 from jaxcap.train import (init_state, learning_rate_schedule, make_optimizer,
                           train_step)
 
@@ -48,8 +48,8 @@ def _tiny_training(rng):
     config = configs.load(TINY)
     config.decoder.dropout = 0.0  # each device draws its own dropout mask
     config.schedule = "constant"  # warmup would make the first update zero
-    model = Captioner(CaptionDecoder(vocab_size=30, feature_dim=8, embed_dim=50, hidden_dim=16,
-                                     attention_dim=8, dropout_rate=0.0))
+    model = Captioner(SoftAttentionDecoder(vocab_size=30, feature_dim=8, embed_dim=50,
+                                           hidden_dim=16, attention_dim=8, dropout_rate=0.0))
     tx = make_optimizer(config, learning_rate_schedule(config, 100))
     embedding = rng.normal(size=(30, 50)).astype(np.float32)
     state = init_state(model, config, (2, 2, 8), embedding, None, tx)
@@ -58,7 +58,7 @@ def _tiny_training(rng):
     tokens[np.arange(config.text.max_length)[None, :] >= lengths[:, None]] = 0
     batch = {"features": rng.normal(size=(8, 2, 2, 8)).astype(np.float32), "tokens": tokens,
              "weights": np.ones(8, np.float32)}
-    step = lambda s, b, r: train_step(s, b, r, model=model, tx=tx, alpha_c=1.0,  # noqa: E731
+    step = lambda s, b, r: train_step(s, b, r, model=model, tx=tx,  # noqa: E731
                                       label_smoothing=0.1)
     return state, batch, step
 

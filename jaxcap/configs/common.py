@@ -54,13 +54,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.encoder.extract_batch_size = 32
 
     c.decoder = ml_collections.ConfigDict()
-    c.decoder.variant = "soft"
+    c.decoder.variant = "soft"  # none | soft | hard | adaptive | updown | transformer
+    # Shared by the variants that have such a setting:
     c.decoder.embed_dim = 50  # GloVe 50d
     c.decoder.hidden_dim = 512
     c.decoder.attention_dim = 512
     c.decoder.dropout = 0.5
     c.decoder.alpha_c = 1.0  # doubly stochastic attention penalty
     c.decoder.label_smoothing = 0.0
+    # Each variant's own settings (jaxcap/models/decoders/<file>.py says what they mean):
+    c.decoder.none = ml_collections.ConfigDict(dict(feed_image=False))
+    c.decoder.soft = ml_collections.ConfigDict(dict(fast_path=True))
+    c.decoder.hard = ml_collections.ConfigDict(dict(
+        alpha_c=0.0, reinforce_weight=1.0, entropy_weight=0.01, baseline_decay=0.9,
+        expected_context_prob=0.5))
+    c.decoder.adaptive = ml_collections.ConfigDict()
+    c.decoder.updown = ml_collections.ConfigDict()
+    c.decoder.transformer = ml_collections.ConfigDict(dict(
+        layers=2, heads=4, width=256, mlp_dim=1024, dropout_rate=0.1))
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 64

@@ -1,10 +1,13 @@
-"""The whole captioner: an optional in-graph ResNet encoder and the decoder.
+"""The whole captioner: an optional in-graph ResNet encoder and a decoder variant.
 
 In ``features`` mode the inputs are cached feature grids and the encoder is
 absent. In ``end_to_end`` mode the inputs are uint8 images, normalised as the
 encoder's weights expect, run through the ResNet with its BatchNorm statistics
 frozen, and either fine-tuned or held fixed (``stop_gradient``, so no backward
 pass is spent on it).
+
+The methods are the decoder protocol's (``jaxcap.models.decoders.base``) with
+images or features in place of the encoder's grid.
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxcap.models.decoder import CaptionDecoder
+from jaxcap.models.decoders import Decoder
 from jaxcap.models.preprocessing import normalize
 from jaxcap.models.resnet import ResNet
 
 
 class Captioner(nn.Module):
-    decoder: CaptionDecoder
+    decoder: Decoder
     encoder: ResNet | None = None
     preprocessing: str = "torch"
     finetune_encoder: bool = False
@@ -29,11 +32,14 @@ class Captioner(nn.Module):
         features = self.encoder(normalize(inputs, self.preprocessing), train=False)
         return features if self.finetune_encoder else jax.lax.stop_gradient(features)
 
-    def __call__(self, inputs, tokens, train: bool = False):
+    def __call__(self, inputs, tokens, train: bool = False) -> dict:
         return self.decoder(self.features(inputs), tokens, train)
 
-    def start(self, inputs):
-        return self.decoder.start(self.features(inputs))
+    def start(self, inputs, max_length: int):
+        return self.decoder.start(self.features(inputs), max_length)
 
-    def decode_step(self, tokens, carry, projected, regions):
-        return self.decoder.decode_step(tokens, carry, projected, regions)
+    def decode_step(self, context, state, tokens):
+        return self.decoder.decode_step(context, state, tokens)
+
+    def losses(self, outputs, token_logp, mask, weights, train: bool) -> dict:
+        return self.decoder.losses(outputs, token_logp, mask, weights, train)

@@ -1,0 +1,179 @@
+"""``soft``: Show, Attend and Tell's decoder with soft attention, and its fast path.
+
+Per caption: the initial ``h``/``c`` come from the mean image feature; at every
+step the LSTM reads the word embedding and the attention context, gated by
+``f_beta = sigmoid(W h)``; the readout reads ``dropout(h)``; the loss adds the
+doubly stochastic attention penalty (``alpha_c``).
+
+The step (``step``) is all a researcher needs; the generic path trains it.
+This variant also has a fast teacher-forced path (``fast_path``, on by
+default; tested equal to the generic one in loss and every gradient):
+
+* Only what depends on the previous step's ``h`` runs inside the loop, as one
+  fused matmul of ``h`` (the attention query, the ``f_beta`` gate and the
+  LSTM's recurrent gates together) plus the context's share of the LSTM gates;
+  the embeddings' share of the gates is computed for all steps at once.
+* The backward pass of the loop is written by hand (``nn.custom_vjp``): XLA's
+  transpose of a scan accumulates every weight gradient inside the loop, as a
+  32-row outer product per step read and written through memory; here the loop
+  only carries the gradients that must flow backwards in time (``h``, ``c``,
+  the projected regions) and saves each step's matmul inputs and output
+  gradients, so that the weight gradients of the fused ``h`` matmul and of the
+  context gates are two large matmuls after the loop. The attention is
+  differentiated with ``jax.vjp`` inside the loop.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxcap.models.attention import AdditiveAttention
+from jaxcap.models.decoders.base import (Decoder, doubly_stochastic_penalty, lstm_update,
+                                         regions_of)
+
+
+class SoftAttentionDecoder(Decoder):
+    attention_dim: int = 512
+    alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty
+    fast_path: bool = True  # the hand-written backward pass; False: the generic path
+
+    def setup(self):
+        super().setup()
+        self.init_h = self.dense(self.hidden_dim)
+        self.init_c = self.dense(self.hidden_dim)
+        self.attention = AdditiveAttention(self.attention_dim, self.dtype)
+        self.word_gates = self.dense(4 * self.hidden_dim)
+        # Query, f_beta gate and recurrent LSTM gates: one matmul of h per step.
+        self.h_projection = self.dense(self.attention_dim + self.feature_dim + 4 * self.hidden_dim)
+        self.context_gates = self.dense(4 * self.hidden_dim, use_bias=False)
+
+    def start(self, features, max_length: int):
+        regions = regions_of(features, self.dtype)
+        mean = regions.mean(axis=1)
+        return (regions, self.attention.project(regions)), (self.init_h(mean), self.init_c(mean))
+
+    def step(self, context, state, word, train: bool):
+        regions, projected = context
+        state, out, _ = self.gated_step(state, self.word_gates(word), projected, regions, train)
+        return state, out
+
+    def gated_step(self, carry, word_gates, projected, regions, train: bool = False):
+        """The step from the word's share of the gates; also returns what the
+        hand-written backward pass needs."""
+        h_prev, c_prev = carry
+        a, d = self.attention_dim, self.feature_dim
+        fused = self.h_projection(h_prev)
+        query, gate, h_gates = fused[:, :a], fused[:, a:a + d], fused[:, a + d:]
+        alpha = self.attention.weights(projected, query)
+        context, extras = self.glimpse(alpha, regions, train)
+        sigma = jax.nn.sigmoid(gate)
+        gated = context * sigma
+        gates = word_gates + h_gates + self.context_gates(gated)
+        h, c, (i, f, g, o, tanh_c) = lstm_update(gates, c_prev, self.dtype)
+        saved = (h_prev, c_prev, query, context, sigma, gated, i, f, g, o, tanh_c)
+        return (h, c), {"hidden": h, "alpha": alpha, **extras}, saved
+
+    def glimpse(self, alpha, regions, train: bool):
+        """What the step sees of the image: the expected region under ``alpha``."""
+        return jnp.einsum("bp,bpd->bd", alpha.astype(regions.dtype), regions), {}
+
+    def losses(self, outputs, token_logp, mask, weights, train: bool) -> dict:
+        return doubly_stochastic_penalty(outputs["alphas"], mask, weights, self.alpha_c)
+
+    def teacher_forced(self, context, state, tokens, train: bool) -> dict:
+        if not self.fast_path:
+            return super().teacher_forced(context, state, tokens, train)
+        regions, projected = context
+        word_gates = self.word_gates(self.embed(tokens))  # (B, T, 4H), all steps at once
+        backward = functools.partial(_scan_backward, (self.attention_dim, self.dtype))
+        recurrence = nn.custom_vjp(_scan_steps, forward_fn=_scan_steps_saving,
+                                   backward_fn=backward)
+        hidden, alphas = recurrence(self, state, word_gates.swapaxes(0, 1), projected, regions)
+        return self.outputs({"hidden": hidden.swapaxes(0, 1), "alpha": alphas.swapaxes(0, 1)},
+                            train)
+
+
+# -------------------------------------------------------------------- the loop
+
+
+def _scan(module: SoftAttentionDecoder, carry, word_gates, projected, regions, saving: bool):
+    """The step over time (axis 0 of ``word_gates``): hidden states (T, B, H) and
+    attention weights (T, B, P), and the backward pass's residuals when ``saving``."""
+    def body(module, carry, gates, projected, regions):
+        carry, out, saved = module.gated_step(carry, gates, projected, regions)
+        return carry, ((out["hidden"], out["alpha"]), saved if saving else ())
+
+    scan = nn.scan(
+        body,
+        variable_broadcast="params",
+        split_rngs={"params": False, "dropout": True},
+        in_axes=(0, nn.broadcast, nn.broadcast),
+        out_axes=0)
+    _, (outputs, saved) = scan(module, carry, word_gates, projected, regions)
+    return outputs, saved
+
+
+def _scan_steps(module, carry, word_gates, projected, regions):
+    return _scan(module, carry, word_gates, projected, regions, saving=False)[0]
+
+
+def _scan_steps_saving(module, carry, word_gates, projected, regions):
+    (hidden, alphas), saved = _scan(module, carry, word_gates, projected, regions, saving=True)
+    return (hidden, alphas), (module.variables["params"], projected, regions, alphas, saved)
+
+
+def _scan_backward(attention_spec, residuals, cotangents):
+    """The loop's VJP: gradients back through time inside a reverse scan, weight
+    gradients of the two large matmuls after it."""
+    params, projected, regions, alphas, saved = residuals
+    d_hidden, d_alphas = cotangents
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    w_h = f32(params["h_projection"]["kernel"])
+    w_c = f32(params["context_gates"]["kernel"])
+    attention_dim, dtype = attention_spec
+    attention = AdditiveAttention(attention_dim, dtype)
+
+    def weights(attention_params, projected, query):
+        return attention.apply({"params": attention_params}, projected, query, method="weights")
+
+    def body(carry, step):
+        dh, dc, d_projected, d_attention = carry
+        (h_prev, c_prev, query, context, sigma, gated, i, f, g, o, tanh_c), alpha, dh_out, \
+            d_alpha_out = step
+        dh = dh + f32(dh_out)
+        dc = dc + dh * o * (1 - tanh_c * tanh_c)
+        d_gates = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
+                                   dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
+        d_gated = d_gates @ w_c.T
+        d_context = d_gated * f32(sigma)
+        d_gate = d_gated * f32(context) * f32(sigma * (1 - sigma))
+        d_alpha = jnp.einsum("bpd,bd->bp", f32(regions), d_context) + f32(d_alpha_out)
+        _, attention_vjp = jax.vjp(weights, params["attention"], projected, query)
+        d_attention_step, d_projected_step, d_query = attention_vjp(d_alpha)
+        d_fused = jnp.concatenate([f32(d_query), d_gate, d_gates], axis=-1)
+        carry = (d_fused @ w_h.T, dc * f, d_projected + f32(d_projected_step),
+                 jax.tree.map(lambda a, b: a + f32(b), d_attention, d_attention_step))
+        return carry, (d_fused, d_gates, d_context)
+
+    batch, hidden = d_hidden.shape[1:]
+    start = (jnp.zeros((batch, hidden), jnp.float32), jnp.zeros((batch, hidden), jnp.float32),
+             jnp.zeros(projected.shape, jnp.float32),
+             jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params["attention"]))
+    (dh0, dc0, d_projected, d_attention), (d_fused, d_gates, d_context) = jax.lax.scan(
+        body, start, (saved, alphas, d_hidden, d_alphas), reverse=True)
+    h_prev, gated = saved[0], saved[5]
+    d_params = jax.tree.map(jnp.zeros_like, params)
+    d_params["h_projection"] = {"kernel": jnp.einsum("tbi,tbo->io", f32(h_prev), d_fused),
+                                "bias": d_fused.sum(axis=(0, 1))}
+    d_params["context_gates"] = {"kernel": jnp.einsum("tbi,tbo->io", f32(gated), d_gates)}
+    d_params["attention"] = d_attention
+    d_params = jax.tree.map(lambda d, p: d.astype(p.dtype), d_params, params)
+    d_regions = jnp.einsum("tbp,tbd->bpd", alphas, d_context)
+    (h0, c0) = saved[0][0], saved[1][0]
+    return ({"params": d_params}, (dh0.astype(h0.dtype), dc0.astype(c0.dtype)),
+            d_gates.astype(dtype), d_projected.astype(projected.dtype),
+            d_regions.astype(regions.dtype))

@@ -1,0 +1,273 @@
+"""Every decoder variant: shapes, the loop equals its step, blind to padding, able to learn,
+beam 1 is greedy; soft's fast path equals the generic one; hard's gradient is unbiased."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from jaxcap import configs
+from jaxcap.decode import beam_search, greedy
+from jaxcap.models.captioner import Captioner
+from jaxcap.models.decoders import VARIANTS, HardAttentionDecoder, make_decoder
+from jaxcap.train import loss_terms
+
+VOCAB, FEATURES, GRID = 23, 12, 3
+
+
+def _config(variant: str, dropout: float = 0.0, **own) -> ml_collections.ConfigDict:
+    config = configs.load("shapes").decoder
+    config.update(variant=variant, embed_dim=6, hidden_dim=16, attention_dim=10, dropout=dropout)
+    config.transformer.update(width=16, heads=2, mlp_dim=24, dropout_rate=dropout)
+    config[variant].update(own)
+    return config
+
+
+def _model(variant: str, dropout: float = 0.0, **own) -> Captioner:
+    return Captioner(make_decoder(_config(variant, dropout, **own), VOCAB, FEATURES))
+
+
+def _batch(rng, batch=4, length=9, real=(9, 6, 4, 7)):
+    tokens = rng.integers(4, VOCAB, (batch, length)).astype(np.int32)
+    tokens[:, 0] = 1
+    for row, n in enumerate(real):
+        tokens[row, n - 1] = 2
+        tokens[row, n:] = 0
+    return {"features": rng.normal(size=(batch, GRID, GRID, FEATURES)).astype(np.float32),
+            "tokens": tokens, "weights": np.ones(batch, np.float32)}
+
+
+def _init(model, batch):
+    return model.init(jax.random.PRNGKey(0), batch["features"], batch["tokens"][:, :-1])
+
+
+def _loss(model, variables, batch, train=False, rng=None):
+    """The trainer's loss (each term over its count) and the updated batch_stats."""
+    terms, counts, batch_stats = loss_terms(model, variables, batch, 0.0, train, rng)
+    return sum(value / counts[per] for value, per in terms.values()), batch_stats
+
+
+variants = pytest.mark.parametrize("variant", list(VARIANTS))
+
+
+@variants
+def test_outputs_have_the_protocol_shapes(variant, rng):
+    model, batch = _model(variant), _batch(rng)
+    variables = _init(model, batch)
+    outputs = jax.jit(model.apply)(variables, batch["features"], batch["tokens"])
+    assert outputs["logits"].shape == (4, 9, VOCAB)
+    assert outputs["alphas"].shape == (4, 9, GRID * GRID)
+    total = np.asarray(outputs["alphas"]).sum(-1)
+    if variant == "adaptive":  # the sentinel takes the rest
+        assert np.all(total <= 1 + 1e-5) and np.all(total > 0)
+    else:
+        np.testing.assert_allclose(total, 1.0, rtol=1e-5)
+
+
+@variants
+def test_the_teacher_forced_pass_equals_a_python_loop_over_the_decoding_step(variant, rng):
+    """The scan (or, for the transformer, all positions at once) against ``decode_step``
+    called word by word, as every search calls it."""
+    model, batch = _model(variant), _batch(rng)
+    variables = _init(model, batch)
+    tokens = jnp.asarray(batch["tokens"])
+    outputs = model.apply(variables, batch["features"], tokens)
+    context, state = model.apply(variables, batch["features"], tokens.shape[1],
+                                 method=Captioner.start)
+    for t in range(tokens.shape[1]):
+        state, logits, alpha = model.apply(variables, context, state, tokens[:, t],
+                                           method=Captioner.decode_step)
+        np.testing.assert_allclose(logits, outputs["logits"][:, t], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(alpha, outputs["alphas"][:, t], rtol=1e-4, atol=1e-6)
+
+
+@variants
+def test_extra_padding_changes_neither_loss_nor_gradients(variant, rng):
+    model, batch = _model(variant), _batch(rng)
+    variables = _init(model, batch)
+    padded = dict(batch, tokens=np.pad(batch["tokens"], ((0, 0), (0, 6))))
+
+    def loss(params, b):
+        return _loss(model, {**variables, "params": params}, b)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"], batch)
+    value_padded, grads_padded = jax.jit(jax.value_and_grad(loss))(variables["params"], padded)
+    np.testing.assert_allclose(value, value_padded, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 grads, grads_padded)
+    # Padding *examples* (weight 0) are ignored too.
+    extra = {k: np.concatenate([v, v[:2]]) for k, v in batch.items()}
+    extra["weights"][-2:] = 0
+    extra["tokens"][-2:, 1:] = np.random.default_rng(9).integers(4, VOCAB, (2, 8))
+    np.testing.assert_allclose(jax.jit(loss)(variables["params"], extra), value, rtol=1e-6)
+
+
+@variants
+def test_overfits_one_small_batch_with_its_own_loss_terms(variant, rng):
+    """Training mode (a hard variant samples its regions and adds REINFORCE)."""
+    model, batch = _model(variant), _batch(rng)
+    variables = _init(model, batch)
+    tx = optax.adam(1e-2)
+    params, opt_state = variables["params"], tx.init(variables["params"])
+    other = {k: v for k, v in variables.items() if k != "params"}
+
+    @jax.jit
+    def step(params, other, opt_state, key):
+        def loss(params):
+            value, batch_stats = _loss(model, {**other, "params": params}, batch, True, key)
+            return value, batch_stats
+
+        (_, batch_stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state)
+        other = other if batch_stats is None else {"batch_stats": batch_stats}
+        return optax.apply_updates(params, updates), other, opt_state
+
+    def cross_entropy(params):
+        terms, counts, _ = loss_terms(model, {**other, "params": params}, batch, 0.0, False)
+        return float(terms["ce"][0] / counts["token"])
+
+    first = cross_entropy(params)
+    for i in range(300):
+        params, other, opt_state = step(params, other, opt_state, jax.random.PRNGKey(i))
+    assert first > 2.5 and cross_entropy(params) < 0.05
+
+
+@variants
+def test_beam_one_is_greedy(variant, rng):
+    model, batch = _model(variant), _batch(rng)
+    variables = jax.tree.map(lambda x: x * 3, _init(model, batch))  # peaked distributions
+    tokens, scores, alphas = greedy(model, variables, batch["features"], 9)
+    beam_tokens, beam_scores, beam_alphas = beam_search(model, variables, batch["features"], 1, 9)
+    np.testing.assert_array_equal(tokens, beam_tokens)
+    np.testing.assert_allclose(scores, beam_scores, rtol=1e-5)
+    np.testing.assert_allclose(alphas, beam_alphas, rtol=1e-5, atol=1e-7)
+
+
+def test_soft_fast_path_equals_the_generic_path_in_loss_and_every_gradient(rng):
+    """The hand-written backward against autodiff of the scanned step, with dropout on and
+    a cotangent on the attention weights too; for the parameters and the features (whose
+    gradient fine-tuning the encoder needs)."""
+    fast, generic = _model("soft", dropout=0.3), _model("soft", dropout=0.3, fast_path=False)
+    batch = _batch(rng)
+    variables = _init(fast, batch)
+    inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+    mask = (targets != 0).astype(jnp.float32)
+
+    def loss(model, params, features):
+        outputs = model.apply({"params": params}, features, inputs, train=True,
+                              rngs={"dropout": jax.random.PRNGKey(5)})
+        ce = optax.softmax_cross_entropy_with_integer_labels(outputs["logits"], targets)
+        mass = jnp.einsum("btp,bt->bp", outputs["alphas"], mask)
+        return jnp.sum(ce * mask) / mask.sum() + jnp.sum(jnp.sin(3 * mass))
+
+    args = (variables["params"], batch["features"])
+    value, ours = jax.value_and_grad(lambda *a: loss(fast, *a), argnums=(0, 1))(*args)
+    reference_value, reference = jax.value_and_grad(lambda *a: loss(generic, *a),
+                                                    argnums=(0, 1))(*args)
+    np.testing.assert_allclose(value, reference_value, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(  # float32 rounding, to scale
+        a, b, rtol=2e-5, atol=1e-6 * float(np.abs(b).max())), ours, reference)
+
+
+# ------------------------------------------------------------- hard attention
+
+
+CHOICES = {"t": 0, "plans": None}  # the region each row takes at each step, for enumeration
+
+
+class _ForcedHard(HardAttentionDecoder):
+    """Hard attention with the regions given, to compute the expected objective exactly."""
+
+    def glimpse(self, alpha, regions, train):
+        choice = CHOICES["plans"][:, CHOICES["t"]]
+        CHOICES["t"] += 1
+        chosen = jax.nn.one_hot(choice, alpha.shape[-1])
+        region_logp = jnp.log(jnp.take_along_axis(alpha, choice[:, None], axis=1)[:, 0])
+        return jnp.einsum("bp,bpd->bd", chosen, regions), {"region_logp": region_logp}
+
+
+def test_hard_attention_gradient_is_unbiased_against_every_region_choice_enumerated():
+    """Two steps over three regions: nine region paths. The exact gradient of the
+    expected cross-entropy is their probability-weighted sum; the trainer's loss
+    (cross-entropy of sampled regions + REINFORCE with a baseline) averaged over many
+    samples must approach it, and cross-entropy alone must not."""
+    regions, steps = 3, 2
+    config = _config("hard", expected_context_prob=0.0, entropy_weight=0.0)
+    model = Captioner(make_decoder(config, VOCAB, FEATURES))
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(1, 1, regions, FEATURES)).astype(np.float32)
+    tokens = np.asarray([[1, 7, 2]], np.int32)  # <start> w <end>: two steps
+    variables = model.init(jax.random.PRNGKey(0), features, tokens[:, :-1])
+
+    plans = np.asarray(list(itertools.product(range(regions), repeat=steps)), np.int32)
+    forced = Captioner(_ForcedHard(**{f: getattr(model.decoder, f)
+                                      for f in ("vocab_size", "feature_dim", "embed_dim",
+                                                "hidden_dim", "attention_dim")}))
+
+    def expected_loss(params):
+        CHOICES.update(t=0, plans=plans)
+        decoder = forced.decoder.bind({"params": params["decoder"], **{
+            k: v["decoder"] for k, v in variables.items() if k != "params"}})
+        context, state = decoder.start(np.repeat(features, len(plans), 0), steps)
+        token_logp, path_logp = 0.0, 0.0
+        for t in range(steps):
+            word = decoder.embed(jnp.full(len(plans), tokens[0, t]))
+            state, out = decoder.step(context, state, word, train=False)
+            logp = jax.nn.log_softmax(decoder.logits(out["hidden"], False))
+            token_logp += logp[:, tokens[0, t + 1]]
+            path_logp += out["region_logp"]
+        return -jnp.sum(jnp.exp(path_logp) * token_logp) / steps
+
+    exact = jax.grad(expected_loss)(variables["params"])
+    baseline = float(-expected_loss(variables["params"]) * steps)  # any constant is unbiased
+    samples = 20000
+    batch = {"features": np.repeat(features, samples, 0), "tokens": np.repeat(tokens, samples, 0),
+             "weights": np.ones(samples, np.float32)}
+    stats = {"batch_stats": {"decoder": {"reward_baseline": jnp.asarray([baseline, 1.0])}}}
+
+    def trainer_loss(params, with_reinforce=True):
+        terms, counts, _ = loss_terms(model, {**stats, "params": params}, batch, 0.0, True,
+                                      jax.random.PRNGKey(7))
+        names = ["ce", "reinforce"] if with_reinforce else ["ce"]
+        return sum(terms[n][0] / counts[terms[n][1]] for n in names)
+
+    def distance(grads, part=lambda g: g):
+        flat = lambda g: jnp.concatenate([x.ravel() for x in jax.tree.leaves(part(g))])  # noqa
+        return float(jnp.linalg.norm(flat(grads) - flat(exact)) / jnp.linalg.norm(flat(exact)))
+
+    attention = lambda g: g["decoder"]["attention"]  # noqa: E731  (reached by REINFORCE alone)
+    estimated = jax.jit(jax.grad(trainer_loss))(variables["params"])
+    cross_entropy_only = jax.jit(jax.grad(lambda p: trainer_loss(p, False)))(variables["params"])
+    assert distance(estimated) < 0.01
+    # 20000 samples: about 3% off (1% at 300000, where float32 sums set the floor)
+    assert distance(estimated, attention) < 0.08
+    assert distance(cross_entropy_only, attention) == pytest.approx(1.0)  # no gradient at all
+
+
+def test_hard_attention_keeps_a_moving_average_baseline(rng):
+    model, batch = _model("hard"), _batch(rng)
+    variables = _init(model, batch)
+    assert np.all(variables["batch_stats"]["decoder"]["reward_baseline"] == 0)
+    _, batch_stats = _loss(model, variables, batch, True, jax.random.PRNGKey(0))
+    average, accumulated = batch_stats["decoder"]["reward_baseline"]
+    assert accumulated == pytest.approx(0.1) and average < 0  # 0.1 x a mean log-likelihood
+    _, unchanged = _loss(model, variables, batch, False)
+    assert unchanged is None
+
+
+# --------------------------------------------------------------------- registry
+
+
+def test_unknown_variants_and_settings_are_refused():
+    config = _config("soft")
+    config.variant = "lstm"
+    with pytest.raises(ValueError, match="unknown decoder variant 'lstm'; known: none, soft"):
+        make_decoder(config, VOCAB, FEATURES)
+    config = _config("transformer")
+    config.transformer.depth = 3
+    with pytest.raises(ValueError, match="decoder.transformer has no setting depth"):
+        make_decoder(config, VOCAB, FEATURES)
