@@ -12,7 +12,7 @@ the metrics have them, attention correctness and the ``novel`` split). The
 ``--config.KEY=VALUE`` overrides apply to every run.
 
 Writes ``OUT/results.md`` (mean and spread over seeds of every metric, the
-parameter count and training captions/s per variant), ``OUT/results.json``
+decoder's parameter count and training captions/s per variant), ``OUT/results.json``
 (every run's figures), ``OUT/validation.png`` (validation BLEU-4 by epoch per
 variant) and ``OUT/metrics.png`` (the test metrics with their spread).
 
@@ -128,7 +128,8 @@ def results_table(runs: list[dict], args) -> str:
     by_variant = {v: [r for r in runs if r["variant"] == v] for v in args.variants}
     columns = [(part, key, title) for part, cols in (("test", COLUMNS), ("novel", NOVEL_COLUMNS))
                for key, title in cols if any(key in r[part] for r in runs)]
-    header = ["variant", "parameters", "train captions/s", *(title for _, _, title in columns)]
+    header = ["variant", "decoder parameters", "train captions/s",
+              *(title for _, _, title in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for variant, group in by_variant.items():
         cells = [variant, f"{group[0]['parameters']:,}",

@@ -42,7 +42,8 @@ def attention_figure(image: np.ndarray, words: list[str], alphas: np.ndarray,
     """The image, then one panel per word: ``alphas`` (words, P) over a square grid.
 
     ``image`` is what the model saw, at any square size; panels are ``PANEL``
-    pixels with the word written under each, ``columns`` panels per row.
+    pixels with the word written under each (``panel_label``), ``columns``
+    panels per row; each panel's attention is scaled to its own maximum.
     """
     grid = math.isqrt(alphas.shape[-1])
     if grid * grid != alphas.shape[-1] or len(alphas) < len(words):
@@ -56,7 +57,8 @@ def attention_figure(image: np.ndarray, words: list[str], alphas: np.ndarray,
         heat = np.asarray(heat.resize((PANEL, PANEL), Image.Resampling.BILINEAR))
         heat = heat / max(float(heat.max()), 1e-12)
         shaded = picture * (0.15 + 0.85 * heat[..., None])  # unattended regions fade to black
-        panels.append((Image.fromarray(np.clip(shaded, 0, 255).astype(np.uint8)), word))
+        panels.append((Image.fromarray(np.clip(shaded, 0, 255).astype(np.uint8)),
+                       panel_label(word, alpha)))
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
     figure = Image.new("RGB", (columns * PANEL, rows * (PANEL + LABEL)), "white")
@@ -66,6 +68,13 @@ def attention_figure(image: np.ndarray, words: list[str], alphas: np.ndarray,
         figure.paste(panel, (x, y))
         draw.text((x + 4, y + PANEL + 4), word, fill="black")
     return figure
+
+
+def panel_label(word: str, alpha: np.ndarray) -> str:
+    """The word, and the share of attention on the image where the decoder could look
+    elsewhere (``adaptive``'s sentinel takes the rest)."""
+    share = float(np.sum(alpha))
+    return word if share > 0.995 else f"{word} ({share:.0%} image)"
 
 
 def gather_images(arguments: list[str]) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:

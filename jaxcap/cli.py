@@ -95,12 +95,16 @@ def _add_prepare(subparsers) -> None:
 def _add_train(subparsers) -> None:
     parser = subparsers.add_parser(
         "train", help="train a captioner (pmapped Adam, Orbax checkpoints; resumes)",
-        description="Train the attention-LSTM captioner described by CONFIG into WORKDIR. "
+        description="Train the captioner described by CONFIG into WORKDIR. "
                     "CONFIG is a built-in name (shapes, flickr8k, coco) or a Python file whose "
                     "get_config() returns an ml_collections.ConfigDict; override any key with "
-                    "--config.KEY=VALUE. Rerun the same command to resume.",
+                    "--config.KEY=VALUE. The decoder is --config.decoder.variant=none|soft|hard|"
+                    "adaptive|updown|transformer (default soft). Rerun the same command to "
+                    "resume.",
         epilog="examples:\n"
                "  jaxcap train --config shapes --workdir runs/shapes\n"
+               "  jaxcap train --config shapes --workdir runs/updown "
+               "--config.decoder.variant=updown\n"
                "  jaxcap train --config flickr8k --workdir runs/f8k "
                "--config.encoder.weights=weights/keras --config.dataset.manual_dir=~/Flickr8k",
         formatter_class=argparse.RawDescriptionHelpFormatter)

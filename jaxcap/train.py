@@ -12,8 +12,9 @@ The loop, top to bottom:
    masked token cross-entropy plus the decoder variant's own loss terms (the
    doubly stochastic attention penalty, REINFORCE, ...), gradients summed over
    devices with each term normalised by a *global* count of tokens or examples
-   (so 4 devices give exactly the update of 1 device on the whole batch), Optax Adam with global-norm clipping and a schedule, a dropout RNG
-   per device and step, the state donated.
+   (so 4 devices give exactly the update of 1 device on the whole batch),
+   Optax Adam with global-norm clipping and a schedule, a dropout RNG per
+   device and step, the state donated.
 4. Orbax checkpoints every ``checkpoint_every_steps`` and at each epoch end
    (keeping the last ``keep_checkpoints``, asynchronously) and the best by
    validation BLEU-4 in ``best/``. A restarted run restores the latest
@@ -49,7 +50,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from jaxcap import configs
+from jaxcap import __version__, configs
 from jaxcap.convert import init_weights
 from jaxcap.data import builders, glove, shapes
 from jaxcap.data.pipeline import Batcher, FeatureStore, PipelineOptions, SplitIndex
@@ -204,7 +205,7 @@ def make_model(config, vocab_size: int, encoder_metadata: dict) -> Captioner:
     try:
         decoder = make_decoder(config.decoder, vocab_size, feature_dim, dtype)
     except ValueError as error:
-        raise TrainingError(f"{error} (--config.decoder...)") from None
+        raise TrainingError(f"{error} (in the config's decoder section)") from None
     encoder = None
     if config.encoder.mode == "end_to_end":
         encoder = build_encoder(encoder_metadata, stage=config.encoder.stage,
@@ -367,6 +368,43 @@ def _shard(batch, devices: int):
 
 # -------------------------------------------------------------------- checkpoints
 
+RUN_INFO = "run_info.json"
+
+
+def _layout(tree) -> dict[str, list[int]]:
+    """``{"decoder/output/kernel": shape}`` of a parameter tree (arrays or their metadata)."""
+    def name(key) -> str:
+        return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+    return {"/".join(name(k) for k in path): list(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _is_access_error(error: BaseException) -> bool:
+    """An I/O or permission error (not a missing file): retrying later may succeed, so
+    nothing may be moved or rewritten because of it."""
+    return isinstance(error, OSError) and not isinstance(error, FileNotFoundError) or \
+        "PERMISSION_DENIED" in str(error)
+
+
+def read_run_info(workdir: Path) -> dict:
+    try:
+        return json.loads((workdir / RUN_INFO).read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def write_run_info(workdir: Path, params) -> None:
+    """``run_info.json``: the jaxcap version that started the run, the one that last ran
+    it, and the parameter tree's layout."""
+    info = read_run_info(workdir)
+    info = {"jaxcap_version": info.get("jaxcap_version", __version__),
+            "last_run_by": __version__, "params": _layout(params)}
+    partial = workdir / (RUN_INFO + ".partial")
+    partial.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, workdir / RUN_INFO)
+
+
 
 class Checkpoints:
     """The last ``keep`` checkpoints and the best by val BLEU-4, with the loop's progress."""
@@ -403,26 +441,71 @@ class Checkpoints:
                        metrics={"bleu4": bleu4})
 
     def restore_latest(self, abstract: TrainState):
-        """The newest readable checkpoint, or None.
+        """The newest readable checkpoint, or None when the run has none yet.
 
-        An unreadable one is moved to ``unreadable_checkpoints/`` (kept for a
-        post-mortem, out of the way of the steps the run will save again).
+        Failures are told apart, and none loses the run:
+
+        * a damaged checkpoint (truncated or missing files, bad metadata) is
+          moved to ``unreadable_checkpoints/`` (kept for a post-mortem, out of
+          the way of the steps the run will save again) and the previous one
+          is tried; when none is readable the run stops, it does not restart;
+        * parameters whose names or shapes differ from the model the config
+          builds (a run from another jaxcap version) stop the run with the
+          differing paths, touching nothing;
+        * an I/O or permission error is raised as it is, touching nothing.
         """
-        for step in sorted(self.latest.all_steps(), reverse=True):
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        aside = self.workdir / "unreadable_checkpoints"
+        if not steps and aside.is_dir() and any(aside.iterdir()):
+            raise self._none_readable(aside)
+        for step in steps:
             try:
+                self._check_layout(step, abstract)
                 restored = self.latest.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
                 return restored["state"], restored["progress"]
+            except TrainingError:
+                raise
             except Exception as error:  # Orbax raises many kinds for a damaged checkpoint
-                aside = self.workdir / "unreadable_checkpoints" / f"{step}-{int(time.time())}"
+                if _is_access_error(error):
+                    raise
+                target = aside / f"{step}-{int(time.time())}"
                 warnings.warn(f"checkpoint {step} in {self.latest.directory} is unreadable "
-                              f"({type(error).__name__}: {error}); moved to {aside}, "
+                              f"({type(error).__name__}: {error}); moved to {target}, "
                               "trying the previous one")
-                aside.parent.mkdir(exist_ok=True)
-                shutil.move(str(Path(self.latest.directory) / str(step)), aside)
+                aside.mkdir(exist_ok=True)
+                shutil.move(str(Path(self.latest.directory) / str(step)), target)
                 self.latest.reload()
+        if steps:
+            raise self._none_readable(aside)
         return None
 
+    def _none_readable(self, aside: Path) -> TrainingError:
+        return TrainingError(
+            f"no checkpoint of {self.workdir} is readable: they were moved to {aside} (the "
+            f"warnings above say why). The run is not restarted from step 0 over its history; "
+            f"to start afresh on purpose, use a new --workdir.")
+
+    def _check_layout(self, step: int, abstract: TrainState) -> None:
+        """Raises a ``TrainingError`` naming the differing parameters when the checkpoint's
+        tree does not fit the model; unreadable metadata raises what reading raised."""
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(Path(self.latest.directory) / str(step) / "state")
+        saved = _layout(metadata.item_metadata.tree["params"])
+        expected = _layout(abstract.params)
+        if saved == expected:
+            return
+        differences = [f"{path}: {saved.get(path, 'absent')} in the checkpoint, "
+                       f"{expected.get(path, 'absent')} in the model"
+                       for path in sorted(set(saved) | set(expected))
+                       if saved.get(path) != expected.get(path)]
+        written_by = read_run_info(self.workdir).get("jaxcap_version", "an unknown version")
+        raise TrainingError(
+            f"checkpoint {step} of {self.workdir} does not fit the model this config builds "
+            f"({len(differences)} parameters differ; first: {'; '.join(differences[:3])}). "
+            f"The run was written by jaxcap {written_by}; this is jaxcap {__version__}. "
+            f"Nothing was changed. Resume with the jaxcap version and config that wrote it, "
+            f"or train into a new --workdir.")
     def restore_best(self, abstract: TrainState) -> TrainState:
         self.best.wait_until_finished()
         step = self.best.best_step()
@@ -444,10 +527,19 @@ class MetricsLog:
 
     def __init__(self, workdir: Path, resume_step: int, evaluated_epochs: int):
         self.path = workdir / "metrics.jsonl"
-        if self.path.exists():  # drop what a stopped run logged after its last checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and
-                    self._keep(json.loads(line), resume_step, evaluated_epochs)]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.path.exists():
+            # What a stopped run logged after the checkpoint it resumes from is logged again;
+            # those lines move to metrics.jsonl.before-resume-STEP, never deleted.
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            keep = [self._keep(json.loads(line), resume_step, evaluated_epochs)
+                    for line in lines]
+            if not all(keep):
+                with open(workdir / f"metrics.jsonl.before-resume-{resume_step}", "a") as out:
+                    out.writelines(line + "\n" for line, k in zip(lines, keep) if not k)
+                kept = [line for line, k in zip(lines, keep) if k]
+                partial = self.path.with_suffix(".jsonl.partial")
+                partial.write_text("".join(line + "\n" for line in kept))
+                os.replace(partial, self.path)
         try:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
@@ -578,6 +670,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         progress = Progress(**saved_progress)
         log(f"resumed from step {int(state.step)} in {workdir}")
     start_step = int(state.step)
+    write_run_info(workdir, state.params)
     metrics_log = MetricsLog(workdir, start_step, progress.evaluated_epochs)
 
     p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx,

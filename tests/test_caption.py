@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from jaxcap import cli
-from jaxcap.caption import COLUMNS, LABEL, PANEL, attention_figure
+from jaxcap.caption import COLUMNS, LABEL, PANEL, attention_figure, panel_label
 from jaxcap.data import shapes
 from jaxcap.data.images import load_image
 from jaxcap.data.pipeline import FeatureStore
@@ -103,3 +103,9 @@ def test_captioning_images_equals_decoding_their_cached_features(trained_feature
 def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["caption", "--workdir", str(tmp_path), str(tmp_path)]) == 2
     assert "not a jaxcap run directory" in capsys.readouterr().err
+
+
+def test_a_panel_says_how_much_attention_went_to_the_image_when_not_all_of_it():
+    alpha = np.full(4, 0.25, np.float32)
+    assert panel_label("red", alpha) == "red"
+    assert panel_label("the", alpha * 0.4) == "the (40% image)"

@@ -1,5 +1,6 @@
 """Training: pmap equals one device, exact resume after SIGKILL, fallback, mismatch, NaN."""
 
+import contextlib
 import json
 import os
 import signal
@@ -11,11 +12,13 @@ from pathlib import Path
 import flax.jax_utils
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from jaxcap import cli, configs
+from jaxcap import __version__, cli, configs
 from jaxcap.models.captioner import Captioner
-from jaxcap.models.decoders import SoftAttentionDecoder
+from jaxcap.models.decoders import VARIANTS, SoftAttentionDecoder
+from jaxcap.runs import load_run
 from jaxcap.train import (init_state, learning_rate_schedule, make_optimizer,
                           train_step)
 
@@ -147,6 +150,87 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, d
     with pytest.warns(UserWarning, match="checkpoint 8 .* is unreadable"):
         assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=8")) == 0
     assert _losses(workdir) == _losses(uninterrupted)[:8]
+    moved = list((workdir / "unreadable_checkpoints").iterdir())
+    assert [p.name.split("-")[0] for p in moved] == ["8"]  # that one, and nothing else
+    assert (workdir / "checkpoints" / "4").is_dir()
+
+
+def _snapshot(workdir):
+    """Every file of a run directory and its bytes: to show that nothing was touched."""
+    return {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+
+
+def _write_config(workdir, config):  # as jaxcap writes it
+    (workdir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error_touching_nothing(
+        tmp_path, data_dir, capsys):
+    """What an upgrade that renames parameters looks like: the model the run's config now
+    builds has other parameter names than its checkpoints."""
+    workdir = tmp_path / "renamed"
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4")) == 0
+    config = json.loads((workdir / "config.json").read_text())
+    config["decoder"]["variant"] = "updown"
+    _write_config(workdir, config)
+    before = _snapshot(workdir)
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4",
+                                "--config.decoder.variant=updown")) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint 4" in err and "does not fit the model" in err
+    assert "parameters differ" in err and "absent in the checkpoint" in err
+    assert f"written by jaxcap {__version__}" in err
+    assert _snapshot(workdir) == before
+
+
+def test_a_permission_error_on_restore_is_raised_touching_nothing(tmp_path, data_dir,
+                                                                   monkeypatch):
+    workdir = tmp_path / "denied"
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4")) == 0
+    before = _snapshot(workdir)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(workdir / "checkpoints" / "4"))
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
+    with pytest.raises(PermissionError):
+        cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4"))
+    assert _snapshot(workdir) == before
+
+
+def test_when_no_checkpoint_is_readable_the_run_stops_and_never_restarts_from_zero(
+        tmp_path, data_dir, capsys):
+    workdir = tmp_path / "lost"
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4")) == 0
+    history = (workdir / "metrics.jsonl").read_text()
+    for path in (workdir / "checkpoints").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"\0" * 7)
+    for attempt in range(2):  # the rerun does not start from 0 either
+        with (pytest.warns(UserWarning, match="is unreadable") if attempt == 0
+              else contextlib.nullcontext()):
+            assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4")) == 2
+        err = capsys.readouterr().err
+        assert "no checkpoint" in err and "unreadable_checkpoints" in err and "new --workdir" in err
+        assert (workdir / "metrics.jsonl").read_text() == history
+    assert [p.name.split("-")[0] for p in (workdir / "unreadable_checkpoints").iterdir()] == ["4"]
+
+
+def test_resuming_keeps_the_log_lines_it_trims_and_records_the_run(tmp_path, data_dir):
+    workdir = tmp_path / "history"
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=6")) == 0
+    first = (workdir / "metrics.jsonl").read_text().splitlines()
+    test_record = [line for line in first if '"split"' in line]
+    assert len(test_record) == 1  # the end-of-run test score: redone when the run ends again
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=7")) == 0
+    kept = (workdir / "metrics.jsonl.before-resume-6").read_text().splitlines()
+    assert kept == test_record
+    now = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert now[:len(first) - 1] == [line for line in first if line not in test_record]
+    info = json.loads((workdir / "run_info.json").read_text())
+    assert info["jaxcap_version"] == info["last_run_by"] == __version__
+    assert info["params"]["decoder/output/kernel"][0] == 32  # the tiny config's hidden_dim
+    assert "decoder/h_projection/kernel" in info["params"]
 
 
 def test_changed_model_config_on_resume_is_a_clear_error(tmp_path, data_dir, capsys):
@@ -155,6 +239,22 @@ def test_changed_model_config_on_resume_is_a_clear_error(tmp_path, data_dir, cap
     assert cli.main(_train_args(workdir, data_dir, "--config.decoder.hidden_dim=64")) == 2
     err = capsys.readouterr().err
     assert "another model config" in err and "decoder" in err and "64" in err
+
+
+def test_a_run_written_before_the_decoder_variants_resumes_and_loads(tmp_path, data_dir, capsys):
+    """Its config.json has no per-variant sections: the new settings take their defaults."""
+    workdir = tmp_path / "older"
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=2")) == 0
+    config = json.loads((workdir / "config.json").read_text())
+    for name in VARIANTS:
+        del config["decoder"][name]
+    (workdir / "config.json").write_text(json.dumps(config))
+    run = load_run(workdir)
+    assert isinstance(run.model.decoder, SoftAttentionDecoder) and run.model.decoder.fast_path
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=3")) == 0
+    assert [step for step, _ in _losses(workdir)] == [1, 2, 3]
+    assert cli.main(_train_args(workdir, data_dir, "--config.decoder.variant=updown")) == 2
+    assert "decoder" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_the_run_without_a_checkpoint_of_it(tmp_path, data_dir, capsys):

@@ -30,7 +30,6 @@ from jaxcap.models.decoders.soft import SoftAttentionDecoder
 
 class HardAttentionDecoder(SoftAttentionDecoder):
     alpha_c: float = 0.0  # the paper's hard attention has no doubly stochastic penalty
-    fast_path: bool = False  # soft's hand-written backward assumes the expected context
     reinforce_weight: float = 1.0
     entropy_weight: float = 0.01
     baseline_decay: float = 0.9
@@ -43,6 +42,7 @@ class HardAttentionDecoder(SoftAttentionDecoder):
                                       lambda: jnp.zeros(2, jnp.float32))
 
     def teacher_forced(self, context, state, tokens, train: bool) -> dict:
+        # The generic path always: soft's hand-written backward assumes the expected context.
         return Decoder.teacher_forced(self, context, state, tokens, train)
 
     def glimpse(self, alpha, regions, train: bool):

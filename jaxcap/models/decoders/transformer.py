@@ -40,7 +40,8 @@ def grid_positions(height: int, width: int, channels: int):
 
 
 def attend(queries, keys, values, mask=None):
-    """Multi-head attention ``(B, Q, H, d)`` x ``(B, K, H, d)``: outputs and weights (B, H, Q, K)."""
+    """Multi-head attention of queries ``(B, Q, H, d)`` over keys ``(B, K, H, d)``: the
+    outputs ``(B, Q, H, d)`` and the weights ``(B, H, Q, K)``."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", queries, keys).astype(jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(queries.shape[-1]))
     if mask is not None:
