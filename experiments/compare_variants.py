@@ -149,6 +149,7 @@ def plot(runs: list[dict], args, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for variant in args.variants:
@@ -160,6 +161,7 @@ def plot(runs: list[dict], args, out: Path) -> None:
             low = [min(c[e] for c in curves) for e in range(epochs)]
             high = [max(c[e] for c in curves) for e in range(epochs)]
             axes.fill_between(range(1, epochs + 1), low, high, alpha=0.2)
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set(xlabel="epoch", ylabel="validation BLEU-4 (greedy)",
              title="Validation by epoch (mean over seeds, band: min to max)")
     axes.legend()
