@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,6 +156,19 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, d
     assert (workdir / "checkpoints" / "4").is_dir()
 
 
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, data_dir):
+    """A run trained for 4 steps (one checkpoint, at step 4): each test resumes a copy."""
+    workdir = tmp_path_factory.mktemp("runs") / "four"
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4")) == 0
+    return workdir
+
+
+def _copy(run, tmp_path, name):
+    shutil.copytree(run, tmp_path / name)
+    return tmp_path / name
+
+
 def _snapshot(workdir):
     """Every file of a run directory and its bytes: to show that nothing was touched."""
     return {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
@@ -165,11 +179,10 @@ def _write_config(workdir, config):  # as jaxcap writes it
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error_touching_nothing(
-        tmp_path, data_dir, capsys):
+        tmp_path, data_dir, four_steps, capsys):
     """What an upgrade that renames parameters looks like: the model the run's config now
     builds has other parameter names than its checkpoints."""
-    workdir = tmp_path / "renamed"
-    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4")) == 0
+    workdir = _copy(four_steps, tmp_path, "renamed")
     config = json.loads((workdir / "config.json").read_text())
     config["decoder"]["variant"] = "updown"
     _write_config(workdir, config)
@@ -184,9 +197,8 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error_touching_noth
 
 
 def test_a_permission_error_on_restore_is_raised_touching_nothing(tmp_path, data_dir,
-                                                                   monkeypatch):
-    workdir = tmp_path / "denied"
-    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4")) == 0
+                                                                   four_steps, monkeypatch):
+    workdir = _copy(four_steps, tmp_path, "denied")
     before = _snapshot(workdir)
 
     def denied(*args, **kwargs):
@@ -199,9 +211,8 @@ def test_a_permission_error_on_restore_is_raised_touching_nothing(tmp_path, data
 
 
 def test_when_no_checkpoint_is_readable_the_run_stops_and_never_restarts_from_zero(
-        tmp_path, data_dir, capsys):
-    workdir = tmp_path / "lost"
-    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4")) == 0
+        tmp_path, data_dir, four_steps, capsys):
+    workdir = _copy(four_steps, tmp_path, "lost")
     history = (workdir / "metrics.jsonl").read_text()
     for path in (workdir / "checkpoints").rglob("*"):
         if path.is_file() and path.stat().st_size > 0:
@@ -241,18 +252,18 @@ def test_changed_model_config_on_resume_is_a_clear_error(tmp_path, data_dir, cap
     assert "another model config" in err and "decoder" in err and "64" in err
 
 
-def test_a_run_written_before_the_decoder_variants_resumes_and_loads(tmp_path, data_dir, capsys):
+def test_a_run_written_before_the_decoder_variants_resumes_and_loads(tmp_path, data_dir,
+                                                                     four_steps, capsys):
     """Its config.json has no per-variant sections: the new settings take their defaults."""
-    workdir = tmp_path / "older"
-    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=2")) == 0
+    workdir = _copy(four_steps, tmp_path, "older")
     config = json.loads((workdir / "config.json").read_text())
     for name in VARIANTS:
         del config["decoder"][name]
     (workdir / "config.json").write_text(json.dumps(config))
     run = load_run(workdir)
     assert isinstance(run.model.decoder, SoftAttentionDecoder) and run.model.decoder.fast_path
-    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=3")) == 0
-    assert [step for step, _ in _losses(workdir)] == [1, 2, 3]
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=5")) == 0
+    assert [step for step, _ in _losses(workdir)] == [1, 2, 3, 4, 5]
     assert cli.main(_train_args(workdir, data_dir, "--config.decoder.variant=updown")) == 2
     assert "decoder" in capsys.readouterr().err
 
