@@ -5,6 +5,7 @@ any test module imports JAX. Keras runs on the JAX backend (no TensorFlow).
 """
 
 import functools
+import gc
 import http.server
 import os
 import threading
@@ -23,6 +24,17 @@ from jaxcap.convert import init_weights  # noqa: E402
 
 def pytest_configure(config):
     assert jax.local_device_count() == 4, "tests expect 4 simulated devices"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Each compiled XLA CPU program keeps about ten memory mappings for as long as a
+    jit cache holds it; the whole suite in one process compiled enough to pass the
+    kernel's 65,530 (vm.max_map_count), and XLA then aborted in the middle of a
+    compilation. Each module's programs are released when it ends."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
