@@ -124,7 +124,7 @@ def caption_images(run, images: list[tuple[str, Path]], options: SearchOptions,
             chunk = images[start:start + batch_size]
             loaded = list(pool.map(lambda item: load_or_reason(item[1], size, resize), chunk))
             usable = []
-            for (name, path), (pixels, error) in zip(chunk, loaded):
+            for (name, path), (pixels, error, _) in zip(chunk, loaded):
                 if error is None:
                     usable.append((name, path, pixels))
                 else:
@@ -138,17 +138,20 @@ def caption_images(run, images: list[tuple[str, Path]], options: SearchOptions,
                                   "score": float(captions.scores[row])}))
                 if attention_dir is not None:
                     words = captions.texts[row].split()
-                    picture, _ = load_or_reason(path, PANEL, resize)  # what the model saw, sharper
+                    picture, _, _ = load_or_reason(path, PANEL, resize)  # what the model saw, sharper
                     attention_figure(picture, words, captions.alphas[row, :len(words)]).save(
                         attention_dir / figures[name])
             done += len(usable)
     return done, skipped
 
 
-def search_options(args, run) -> SearchOptions:
-    """The search options of the ``caption`` and ``evaluate`` command lines."""
-    if args.batch_size < 1:
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
         raise CaptionError("--batch-size must be at least 1")
+
+
+def search_options(args, run) -> SearchOptions:
+    """The search options of the ``caption``, ``evaluate`` and ``serve`` command lines."""
     try:
         return SearchOptions(
             beam_size=args.beam, max_length=args.max_length or run.config.eval.max_length,
@@ -161,6 +164,7 @@ def search_options(args, run) -> SearchOptions:
 
 def main(args) -> int:
     """``jaxcap caption``: see ``jaxcap.cli``."""
+    check_batch_size(args.batch_size)
     run = load_run(args.workdir)
     options = search_options(args, run)
     images, missing = gather_images(args.images)

@@ -7,6 +7,11 @@ Output, in ``FEAT_DIR``::
     skipped.tsv    name <TAB> reason, for every file that is not a usable image
     extract.json   settings, encoder metadata and progress (the resume record)
 
+A file that could not be read for a reason that may pass (an I/O error, a
+permission, a network mount that went away) is not skipped for good: the run
+ends without ``features.npy``, lists those files in ``retryable.tsv`` and says
+so, and the same command run again reads them again (and only them).
+
 Batches have one fixed shape (the last is padded), so the model compiles once,
 and each batch is split across all local devices. Images are decoded by a
 thread pool while the devices run the previous batch. After every batch the
@@ -42,6 +47,14 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 
 class ExtractError(Exception):
     """A user mistake in the arguments or the output folder; the message says what to do."""
+
+
+class RetryableError(ExtractError):
+    """Some files could not be read for a reason that may pass; rerunning retries them."""
+
+
+# Errors that say something about the file itself, not about the moment it was read.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 def list_images(images: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -89,24 +102,37 @@ def make_feature_fn(module, variables, style: str, out_dtype, devices):
 
 
 def load_or_reason(source, image_size: int, resize: str):
-    """``(pixels, None)``, or ``(None, why)`` for a file that is not a usable image.
+    """``(pixels, None, False)``; or ``(None, why, retryable)`` for a file that could not
+    be used: ``retryable`` is False when the file is not a usable image (it is skipped),
+    True when reading failed for a reason that may pass (it is read again on a rerun).
 
     ``source``: a path, or a function returning the file's bytes (a dataset record).
     """
     try:
-        return load_image(source() if callable(source) else source, image_size, resize), None
+        return load_image(source() if callable(source) else source, image_size, resize), None, False
     except FileNotFoundError:
-        return None, "no such file"
+        return None, "no such file", False
     except ImageError as error:
-        return None, str(error)
-    except OSError as error:  # unreadable: permissions, a directory, an I/O error
-        return None, error.strerror or str(error)
+        return None, str(error), False
+    except _PERMANENT_OS_ERRORS as error:
+        return None, error.strerror or str(error), False
+    except OSError as error:  # EIO, EACCES, ESTALE, ENOTCONN, ...: may pass
+        return None, error.strerror or str(error), True
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replaces ``path`` whole: a reader (or a killed run) sees the old file or the new."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf8")
+    os.replace(partial, path)
 
 
 def write_json_atomic(path: Path, record) -> None:
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(partial, path)
+    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+
+
+def _tsv(items) -> str:
+    return "".join(f"{name}\t{reason}\n" for name, reason in items)
 
 
 def extract(weights: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike,
@@ -142,14 +168,14 @@ def extract_entries(weights: str | os.PathLike, entries: list, out: str | os.Pat
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / RECORD_FILE
     record = dict(fingerprint=fingerprint, settings=settings, encoder=metadata,
-                  total=len(entries), done=0, skipped=[], complete=False)
+                  total=len(entries), done=0, skipped=[], retryable=[], complete=False)
     if record_path.exists():
         previous = json.loads(record_path.read_text())
         if previous.get("fingerprint") != fingerprint:
             raise ExtractError(
                 f"{out} holds features from other images, weights or settings; nothing was "
                 "changed. Use a new --out, or delete that folder to start again.")
-        record = previous
+        record = {"retryable": [], **previous}  # records of jaxcap <= 0.2.0 have none
         if record["complete"]:
             log(f"{out}: already complete ({record['total'] - len(record['skipped'])} images)")
             return record
@@ -162,18 +188,29 @@ def extract_entries(weights: str | os.PathLike, entries: list, out: str | os.Pat
     moved = record["done"] == len(entries) and not partial_path.exists()
     if not moved:
         if record["done"] == 0 or not partial_path.exists():
-            record.update(done=0, skipped=[])
+            record.update(done=0, skipped=[], retryable=[])
             rows = np.lib.format.open_memmap(partial_path, mode="w+", dtype=DTYPES[dtype],
                                              shape=(len(entries), *row_shape))
         else:
             rows = np.load(partial_path, mmap_mode="r+")
-        if record["done"] < len(entries):
+        position = {name: index for index, (name, _) in enumerate(entries)}
+        todo = sorted(position[name] for name, _ in record["retryable"])
+        todo += range(record["done"], len(entries))
+        if todo:
             module = build_encoder(metadata, stage=stage, grid=grid)
             feature_fn = make_feature_fn(module, variables, metadata["preprocessing"],
                                          DTYPES[dtype], devices)
-            _run_batches(entries, record, rows, feature_fn, batch_size, image_size, resize,
-                         workers or min(32, (os.cpu_count() or 1) + 4), record_path, progress)
+            _run_batches(entries, todo, record, rows, feature_fn, batch_size, image_size,
+                         resize, workers or min(32, (os.cpu_count() or 1) + 4), record_path,
+                         progress)
         del rows
+        if record["retryable"]:
+            write_text_atomic(out / "retryable.tsv", _tsv(record["retryable"]))
+            raise RetryableError(
+                f"{len(record['retryable'])} files could not be read for reasons that may pass "
+                f"(I/O errors, permissions; listed with the reason in {out}/retryable.tsv); the "
+                f"other images are saved in {out}. Run the same command again to read those "
+                f"files again.")
         _finish(out, entries, record)
     record["complete"] = True
     write_json_atomic(record_path, record)
@@ -184,52 +221,57 @@ def extract_entries(weights: str | os.PathLike, entries: list, out: str | os.Pat
     return record
 
 
-def _run_batches(entries, record, rows, feature_fn, batch_size, image_size, resize, workers,
-                 record_path, progress):
-    starts = range(record["done"], len(entries), batch_size)
-    bar = tqdm(total=len(entries), initial=record["done"], unit="img", disable=not progress,
-               file=sys.stderr, desc="extract")
+def _run_batches(entries, todo, record, rows, feature_fn, batch_size, image_size, resize,
+                 workers, record_path, progress):
+    """Extracts the rows at positions ``todo`` (the retries, then the rest in order)."""
+    chunks = [todo[begin:begin + batch_size] for begin in range(0, len(todo), batch_size)]
+    bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr,
+               desc="extract")
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         decoding = collections.deque()
 
-        def submit(start):
-            chunk = entries[start:start + batch_size]
-            decoding.append((start, [pool.submit(load_or_reason, path, image_size, resize)
-                                     for _, path in chunk]))
+        def submit(chunk):
+            decoding.append((chunk, [pool.submit(load_or_reason, entries[index][1],
+                                                 image_size, resize) for index in chunk]))
 
-        for start in starts[:2]:  # decode one batch ahead of the one being computed
-            submit(start)
-        pending = None  # the batch on the devices: (start, skipped, result)
-        for index in range(len(starts)):
-            start, futures = decoding.popleft()
-            if index + 2 < len(starts):
-                submit(starts[index + 2])
+        for chunk in chunks[:2]:  # decode one batch ahead of the one being computed
+            submit(chunk)
+        pending = None  # the batch on the devices: (chunk, failures, result)
+        for number in range(len(chunks)):
+            chunk, futures = decoding.popleft()
+            if number + 2 < len(chunks):
+                submit(chunks[number + 2])
             batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
-            skipped = []
+            failures = []
             for offset, future in enumerate(futures):
-                pixels, reason = future.result()
+                pixels, reason, retryable = future.result()
                 if reason is None:
                     batch[offset] = pixels
                 else:
-                    skipped.append([entries[start + offset][0], reason])
+                    failures.append((entries[chunk[offset]][0], reason, retryable))
             result = feature_fn(batch)  # asynchronous: the host goes on while it runs
             if pending is not None:
-                _commit(pending, rows, record, record_path, bar)
-            pending = (start, skipped, result)
+                _commit(pending, entries, rows, record, record_path, bar)
+            pending = (chunk, failures, result)
         if pending is not None:
-            _commit(pending, rows, record, record_path, bar)
+            _commit(pending, entries, rows, record, record_path, bar)
     bar.close()
 
 
-def _commit(pending, rows, record, record_path, bar):
-    start, skipped, result = pending
-    count = min(len(rows) - start, result.shape[0])
-    rows[start:start + count] = np.asarray(result)[:count]
+def _commit(pending, entries, rows, record, record_path, bar):
+    """Writes a batch's rows, then records it: a run killed in between redoes the batch."""
+    chunk, failures, result = pending
+    rows[np.asarray(chunk)] = np.asarray(result)[:len(chunk)]
     rows.flush()
-    record["done"] = start + count
-    record["skipped"].extend(skipped)
+    names = {entries[index][0] for index in chunk}
+    record["done"] = max(record["done"], chunk[-1] + 1)
+    record["retryable"] = [item for item in record["retryable"] if item[0] not in names]
+    record["skipped"].extend([name, reason] for name, reason, retryable in failures
+                             if not retryable)
+    record["retryable"].extend([name, reason] for name, reason, retryable in failures
+                               if retryable)
     write_json_atomic(record_path, record)
-    bar.update(count)
+    bar.update(len(chunk))
 
 
 def _finish(out: Path, entries, record) -> None:
@@ -242,13 +284,9 @@ def _finish(out: Path, entries, record) -> None:
     skipped_names = {name for name, _ in record["skipped"]}
     keep = np.asarray([name not in skipped_names for name, _ in entries])
     names = [name for name, _ in entries if name not in skipped_names]
-    ids_partial = out / "ids.txt.partial"
-    ids_partial.write_text("".join(f"{name}\n" for name in names), encoding="utf8")
-    os.replace(ids_partial, out / "ids.txt")
-    skipped_partial = out / "skipped.tsv.partial"
-    skipped_partial.write_text("".join(f"{name}\t{reason}\n" for name, reason in record["skipped"]),
-                               encoding="utf8")
-    os.replace(skipped_partial, out / "skipped.tsv")
+    write_text_atomic(out / "ids.txt", "".join(f"{name}\n" for name in names))
+    write_text_atomic(out / "skipped.tsv", _tsv(record["skipped"]))
+    (out / "retryable.tsv").unlink(missing_ok=True)  # all read now
     features_path = out / "features.npy"
     if keep.all():
         os.replace(partial_path, features_path)

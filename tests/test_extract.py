@@ -1,7 +1,12 @@
 """jaxcap extract: exact features, bad input skipped and listed, resume, refusal to overwrite."""
 
+import errno
 import json
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -155,3 +160,76 @@ def test_weights_folder_that_is_not_one_is_a_clear_error(tmp_path, photo_folder,
     assert cli.main(["extract", "--weights", str(tmp_path), "--images", str(photo_folder),
                      "--out", str(tmp_path / "f")]) == 2
     assert "is not a directory written by 'jaxcap convert'" in capsys.readouterr().err
+
+
+def _same_result(whole, other):
+    for name in ("ids.txt", "skipped.tsv"):
+        assert (whole / name).read_bytes() == (other / name).read_bytes(), name
+    np.testing.assert_allclose(np.load(other / "features.npy"), np.load(whole / "features.npy"),
+                               rtol=1e-6, atol=1e-6)
+    assert json.loads((other / "extract.json").read_text())["complete"]
+    assert not [p.name for p in other.iterdir() if "partial" in p.name or "retryable" in p.name]
+
+
+def test_io_errors_are_retried_by_the_next_run_not_skipped(tmp_path, resnet18_weights,
+                                                           photo_folder, monkeypatch, capsys):
+    args = ["extract", "--weights", str(resnet18_weights), "--images", str(photo_folder),
+            "--image-size", str(SIZE), "--batch-size", "4", "--quiet"]
+    assert cli.main(args + ["--out", str(tmp_path / "whole")]) == 0
+    failing = {"a_coffee.png": OSError(errno.EIO, "Input/output error"),
+               "b_rocket.jpg": PermissionError(errno.EACCES, "Permission denied")}
+    read = []
+
+    def flaky_load(path, *args, **kwargs):
+        read.append(Path(path).name)
+        if Path(path).name in failing:
+            raise failing[Path(path).name]
+        return load_image(path, *args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "load_image", flaky_load)
+    out = tmp_path / "flaky"
+    assert cli.main(args + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "2 files could not be read" in err and "retryable.tsv" in err and "again" in err
+    assert (out / "retryable.tsv").read_text() == \
+        "a_coffee.png\tInput/output error\nb_rocket.jpg\tPermission denied\n"
+    assert not (out / "features.npy").exists()  # not a result with holes in it
+    record = json.loads((out / "extract.json").read_text())
+    assert record["skipped"] == [] and not record["complete"]
+
+    failing.clear()  # the mount is back
+    read.clear()
+    assert cli.main(args + ["--out", str(out)]) == 0
+    assert sorted(read) == ["a_coffee.png", "b_rocket.jpg"]  # those two, and only them
+    _same_result(tmp_path / "whole", out)
+
+
+KILL_BETWEEN_ROWS_AND_RECORD = """
+import os, signal, sys
+from jaxcap import extract as module
+record_batch = module.write_json_atomic
+
+def kill_once_rows_of_two_batches_are_written(path, record):
+    if record["done"] >= 8:  # batch 2's rows are flushed to disk; its record is not written
+        os.kill(os.getpid(), signal.SIGKILL)
+    record_batch(path, record)
+
+module.write_json_atomic = kill_once_rows_of_two_batches_are_written
+weights, images, out, size = sys.argv[1:]
+module.extract(weights, images, out, batch_size=4, image_size=int(size), progress=False)
+"""
+
+
+def test_extraction_killed_between_writing_a_batch_and_recording_it_resumes(
+        tmp_path, resnet18_weights, photo_folder):
+    options = dict(batch_size=4, image_size=SIZE, progress=False, log=lambda _: None)
+    extract(resnet18_weights, photo_folder, tmp_path / "whole", **options)
+    out = tmp_path / "killed"
+    process = subprocess.run([sys.executable, "-c", KILL_BETWEEN_ROWS_AND_RECORD,
+                              str(resnet18_weights), str(photo_folder), str(out), str(SIZE)],
+                             capture_output=True, text=True, timeout=600)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    assert json.loads((out / "extract.json").read_text())["done"] == 4
+    assert not (out / "features.npy").exists()
+    extract(resnet18_weights, photo_folder, out, **options)
+    _same_result(tmp_path / "whole", out)
