@@ -39,8 +39,8 @@ class TrainedRun:
         return self.model.encoder is not None
 
 
-def load_run(workdir) -> TrainedRun:
-    """The best checkpoint of ``workdir`` with its model, vocabulary and encoder."""
+def read_run(workdir) -> tuple[Path, ml_collections.ConfigDict, Vocabulary]:
+    """``(absolute workdir, config, vocabulary)`` of a run directory."""
     workdir = Path(workdir).expanduser().absolute()
     try:
         config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
@@ -48,9 +48,12 @@ def load_run(workdir) -> TrainedRun:
     except FileNotFoundError as error:
         raise TrainingError(f"{workdir} is not a jaxcap run directory ({error.filename} is "
                             "missing); pass the --workdir of 'jaxcap train'") from None
-    if not (workdir / "best").is_dir() or not any((workdir / "best").iterdir()):
-        raise TrainingError(f"{workdir} has no best checkpoint yet: it is written at the end of "
-                            "the first training epoch")
+    return workdir, config, vocabulary
+
+
+def abstract_state(workdir: Path, config, vocabulary: Vocabulary):
+    """``(model, abstract TrainState, encoder metadata, encoder variables)``: what the
+    run's config builds today, as shapes only (what its checkpoints restore into)."""
     metadata, encoder_variables = load_encoder(workdir / "encoder")
     model = make_model(config, len(vocabulary), metadata)
     tx = make_optimizer(config, learning_rate_schedule(config, 1))
@@ -61,6 +64,16 @@ def load_run(workdir) -> TrainedRun:
     abstract = jax.eval_shape(lambda: init_state(
         model, config, inputs_shape, embedding,
         encoder_variables if model.encoder is not None else None, tx))
+    return model, abstract, metadata, encoder_variables
+
+
+def load_run(workdir) -> TrainedRun:
+    """The best checkpoint of ``workdir`` with its model, vocabulary and encoder."""
+    workdir, config, vocabulary = read_run(workdir)
+    if not (workdir / "best").is_dir() or not any((workdir / "best").iterdir()):
+        raise TrainingError(f"{workdir} has no best checkpoint yet: it is written at the end of "
+                            "the first training epoch")
+    model, abstract, metadata, encoder_variables = abstract_state(workdir, config, vocabulary)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     try:
         state = checkpoints.restore_best(abstract)

@@ -1,0 +1,100 @@
+"""jaxcap migrate: a run whose parameters were renamed is carried over and resumes exactly."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from jaxcap import cli
+from jaxcap.migrate import rename_state
+from jaxcap.runs import abstract_state, load_run, read_run
+from jaxcap.train import Checkpoints, saved_layout
+
+TINY_CONFIG = str(Path(__file__).parent / "tiny_config.py")
+
+# What an older release might have called two of today's modules.
+OLD_NAMES = {"decoder/h_projection/": "decoder/hidden_projection/",
+             "decoder/attention/encoder/": "decoder/attention/regions/"}
+RENAMES = [f"--rename=^{old}={new}" for new, old in OLD_NAMES.items()]  # back to today's
+
+
+def _as_older_release_wrote_it(workdir):
+    """Rewrites every checkpoint of ``workdir`` under OLD_NAMES (parameters, Adam's moments)."""
+    _, config, vocabulary = read_run(workdir)
+    _, abstract, _, _ = abstract_state(workdir, config, vocabulary)
+    paths = traverse_util.flatten_dict(abstract.params, sep="/")
+    mapping = {path: path.replace(new, old, 1) for path in paths
+               for new, old in OLD_NAMES.items() if path.startswith(new)}
+    for step_dir in [*(workdir / "checkpoints").iterdir(), *(workdir / "best").iterdir()]:
+        if step_dir.name.isdigit():
+            with ocp.StandardCheckpointer() as checkpointer:
+                state = checkpointer.restore(step_dir / "state", abstract)
+                shutil.rmtree(step_dir / "state")
+                checkpointer.save(step_dir / "state", rename_state(state, mapping))
+    return sorted(mapping.values())
+
+
+def _snapshot(workdir):
+    return {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+
+
+def _losses(workdir):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def test_a_renamed_run_is_refused_then_migrated_and_resumes_exactly(tmp_path, tmp_path_factory,
+                                                                    trained_run, capsys):
+    original = tmp_path / "original"
+    shutil.copytree(trained_run, original)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(trained_run, renamed)
+    old_paths = _as_older_release_wrote_it(renamed)
+    assert "decoder/hidden_projection/kernel" in old_paths
+    assert "decoder/hidden_projection/kernel" in saved_layout(next(
+        p for p in (renamed / "best").iterdir() if p.name.isdigit()))
+    data_dir = tmp_path_factory.getbasetemp() / "tiny_datasets"  # where conftest trained it
+    resume = ["--config", TINY_CONFIG, f"--config.dataset.data_dir={data_dir}",
+              "--config.dataset.shapes.num_novel=8", "--config.num_epochs=4"]
+
+    before = _snapshot(renamed)
+    assert cli.main(["train", "--workdir", str(renamed), *resume]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and f"jaxcap migrate {renamed}" in err
+    assert cli.main(["migrate", str(renamed)]) == 2  # no release renamed these: say what to add
+    assert "--rename OLD=NEW" in capsys.readouterr().err
+    assert cli.main(["migrate", str(renamed), "--dry-run", *RENAMES]) == 0
+    assert "decoder/hidden_projection/kernel -> decoder/h_projection/kernel" in \
+        capsys.readouterr().err
+    assert _snapshot(renamed) == before  # refused, failed and dry runs touch nothing
+
+    assert cli.main(["migrate", str(renamed), *RENAMES]) == 0
+    info = json.loads((renamed / "run_info.json").read_text())
+    backup = renamed / info["migrations"][-1]["originals"]
+    assert {p.relative_to(backup) for p in backup.rglob("*") if p.is_file()} == \
+        {p for p in before if p.parts[0] in ("checkpoints", "best")}
+    assert "decoder/h_projection/kernel" in info["params"]
+    assert cli.main(["migrate", str(renamed)]) == 0  # now nothing to do
+    assert "nothing to do" in capsys.readouterr().err
+
+    # Bit for bit the state the original resumes from (parameters, Adam's moments, step,
+    # loop progress), so training goes on exactly as the original would (the exactness of
+    # resuming itself is tested in test_train.py).
+    _, config, vocabulary = read_run(original)
+    _, abstract, _, _ = abstract_state(original, config, vocabulary)
+    restored = []
+    for workdir in (original, renamed):
+        checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+        try:
+            restored.append(checkpoints.restore_latest(abstract))
+        finally:
+            checkpoints.close()
+    jax.tree.map(np.testing.assert_array_equal, restored[0], restored[1])
+    jax.tree.map(np.testing.assert_array_equal, load_run(original).variables,
+                 load_run(renamed).variables)
+    assert cli.main(["train", "--workdir", str(renamed), *resume]) == 0
+    assert _losses(renamed)[-1][0] == 24 and _losses(renamed)[:18] == _losses(original)
