@@ -140,14 +140,16 @@ def sample(model: Captioner, variables, inputs, keys, max_length: int, temperatu
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_length", "min_length",
-                                             "length_penalty", "no_repeat_ngram"))
+                                             "no_repeat_ngram"))
 def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length: int,
                 min_length: int = 0, length_penalty: float = 0.0, no_repeat_ngram: int = 0):
     """Batched beam search over images and beams together, in one ``lax.while_loop``.
 
     Returns ``(tokens (B, max_length), score (B,), alphas (B, max_length - 1, P))`` of each
     image's best hypothesis. Ranking during the search uses the summed log-probability;
-    the final choice divides it by ``length ** length_penalty`` (0: none). Finished
+    the final choice divides it by ``length ** length_penalty`` (0: none), the length
+    counting the emitted words and ``<end>``; the returned score is the summed
+    log-probability itself, without the division. Finished
     beams carry forward unchanged; when no beam of an image has ended by
     ``max_length`` its best unfinished hypothesis is returned. The loop stops as soon
     as every beam of every image has ended. The feature grid is shared by an image's
@@ -167,7 +169,7 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
     scores = jnp.where(jnp.arange(k)[:, None] == 0, 0.0, -jnp.inf) * jnp.ones((k, batch))
     carry = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), carry)
     state = dict(t=jnp.asarray(1), tokens=tokens, scores=scores, carry=carry,
-                 done=jnp.zeros((k, batch), bool), lengths=jnp.ones((k, batch), jnp.int32),
+                 done=jnp.zeros((k, batch), bool), lengths=jnp.zeros((k, batch), jnp.int32),
                  alphas=jnp.zeros((k, batch, max_length - 1, regions_count), jnp.float32))
 
     def cond(state):

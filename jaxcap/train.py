@@ -102,7 +102,8 @@ def _known_to(saved, current):
     return {key: _known_to(saved[key], value) for key, value in current.items() if key in saved}
 
 
-def _write_or_check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def _check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """A run resumes only with the model config it was started with."""
     path = workdir / "config.json"
     current = json.loads(config.to_json_best_effort())
     if path.exists():
@@ -114,9 +115,14 @@ def _write_or_check_config(config: ml_collections.ConfigDict, workdir: Path) -> 
                                 for k in changed)
             raise TrainingError(f"{workdir} holds a run with another model config ({details}). "
                                 "Use a new --workdir, or the original values, to resume.")
-    partial = path.with_suffix(".json.partial")
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """``config.json``, written once the run has started (or resumed) with ``config``."""
+    current = json.loads(config.to_json_best_effort())
+    partial = workdir / "config.json.partial"
     partial.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, path)
+    os.replace(partial, workdir / "config.json")
 
 
 def _prepare_encoder(config, workdir: Path) -> Path:
@@ -371,13 +377,21 @@ def _shard(batch, devices: int):
 RUN_INFO = "run_info.json"
 
 
-def _layout(tree) -> dict[str, list[int]]:
+def param_layout(tree) -> dict[str, list[int]]:
     """``{"decoder/output/kernel": shape}`` of a parameter tree (arrays or their metadata)."""
     def name(key) -> str:
         return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
 
     return {"/".join(name(k) for k in path): list(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def saved_layout(step_dir: Path, collection: str = "params") -> dict[str, list[int]]:
+    """The layout of a checkpoint's (``checkpoints/STEP``) ``params`` or ``batch_stats``,
+    read from its metadata."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(step_dir / "state")
+    return param_layout(metadata.item_metadata.tree.get(collection, {}))
 
 
 def _is_access_error(error: BaseException) -> bool:
@@ -394,12 +408,12 @@ def read_run_info(workdir: Path) -> dict:
         return {}
 
 
-def write_run_info(workdir: Path, params) -> None:
+def write_run_info(workdir: Path, params, **records) -> None:
     """``run_info.json``: the jaxcap version that started the run, the one that last ran
-    it, and the parameter tree's layout."""
+    it, the parameter tree's layout, and ``records`` (e.g. the migrations it went through)."""
     info = read_run_info(workdir)
-    info = {"jaxcap_version": info.get("jaxcap_version", __version__),
-            "last_run_by": __version__, "params": _layout(params)}
+    info.update(jaxcap_version=info.get("jaxcap_version", __version__),
+                last_run_by=__version__, params=param_layout(params), **records)
     partial = workdir / (RUN_INFO + ".partial")
     partial.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     os.replace(partial, workdir / RUN_INFO)
@@ -460,7 +474,7 @@ class Checkpoints:
             raise self._none_readable(aside)
         for step in steps:
             try:
-                self._check_layout(step, abstract)
+                self._check_layout(self.latest, step, abstract)
                 restored = self.latest.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
                 return restored["state"], restored["progress"]
@@ -486,13 +500,11 @@ class Checkpoints:
             f"warnings above say why). The run is not restarted from step 0 over its history; "
             f"to start afresh on purpose, use a new --workdir.")
 
-    def _check_layout(self, step: int, abstract: TrainState) -> None:
+    def _check_layout(self, manager, step: int, abstract: TrainState) -> None:
         """Raises a ``TrainingError`` naming the differing parameters when the checkpoint's
         tree does not fit the model; unreadable metadata raises what reading raised."""
-        with ocp.StandardCheckpointer() as checkpointer:
-            metadata = checkpointer.metadata(Path(self.latest.directory) / str(step) / "state")
-        saved = _layout(metadata.item_metadata.tree["params"])
-        expected = _layout(abstract.params)
+        saved = saved_layout(Path(manager.directory) / str(step))
+        expected = param_layout(abstract.params)
         if saved == expected:
             return
         differences = [f"{path}: {saved.get(path, 'absent')} in the checkpoint, "
@@ -504,11 +516,14 @@ class Checkpoints:
             f"checkpoint {step} of {self.workdir} does not fit the model this config builds "
             f"({len(differences)} parameters differ; first: {'; '.join(differences[:3])}). "
             f"The run was written by jaxcap {written_by}; this is jaxcap {__version__}. "
-            f"Nothing was changed. Resume with the jaxcap version and config that wrote it, "
-            f"or train into a new --workdir.")
+            f"Nothing was changed. If parameters were only renamed, 'jaxcap migrate "
+            f"{self.workdir}' carries the run over; otherwise resume with the jaxcap version "
+            f"and config that wrote it, or train into a new --workdir.")
+
     def restore_best(self, abstract: TrainState) -> TrainState:
         self.best.wait_until_finished()
         step = self.best.best_step()
+        self._check_layout(self.best, step, abstract)
         return self.best.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))["state"]
 
@@ -579,6 +594,30 @@ class Progress:
     epochs_since_cut: int = 0
     stopped_early: bool = False
 
+    def after_validation(self, epoch: int, bleu4: float, lr_scale: float, config, log) -> float:
+        """Takes epoch ``epoch``'s val BLEU-4; returns the learning-rate scale from now on.
+
+        After ``plateau_patience`` epochs without a better BLEU-4 the scale is multiplied
+        by ``plateau_factor`` (and again after as many more); after
+        ``early_stopping_patience`` such epochs (0: never) ``stopped_early`` is set.
+        """
+        self.evaluated_epochs = epoch + 1
+        if bleu4 > self.best_bleu4:
+            self.best_bleu4 = bleu4
+            self.epochs_since_best = self.epochs_since_cut = 0
+        else:
+            self.epochs_since_best += 1
+            self.epochs_since_cut += 1
+            if self.epochs_since_cut >= config.plateau_patience:
+                lr_scale *= config.plateau_factor
+                self.epochs_since_cut = 0
+                log(f"val BLEU-4 plateau: learning rate scaled to {lr_scale:g} of the schedule")
+        if config.early_stopping_patience and \
+                self.epochs_since_best >= config.early_stopping_patience:
+            self.stopped_early = True
+            log(f"stopping early: no better val BLEU-4 for {self.epochs_since_best} epochs")
+        return lr_scale
+
 
 def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index: SplitIndex,
                    vocabulary, config, p_eval) -> dict:
@@ -609,7 +648,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Trains (or resumes) the run in ``workdir``; returns the last validation metrics."""
     workdir = Path(workdir).expanduser().absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_or_check_config(config, workdir)
+    _check_config(config, workdir)
+    if not (workdir / "config.json").exists():  # a new run: what it builds is known from now
+        _write_config(config, workdir)
     log = functools.partial(print, file=sys.stderr)
 
     built = prepare_dataset(config)
@@ -664,12 +705,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     progress = Progress()
-    restored = checkpoints.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+    try:
+        restored = checkpoints.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                                           state))
+    except BaseException:
+        checkpoints.close()
+        raise
     if restored is not None:
         state, saved_progress = restored
         progress = Progress(**saved_progress)
         log(f"resumed from step {int(state.step)} in {workdir}")
     start_step = int(state.step)
+    _write_config(config, workdir)
     write_run_info(workdir, state.params)
     metrics_log = MetricsLog(workdir, start_step, progress.evaluated_epochs)
 
@@ -763,22 +810,8 @@ def _end_of_epoch(step, epoch, model, val_batches, val_index, vocabulary, config
     metrics = evaluate_split(replicated, state, model, val_batches, val_index, vocabulary, config,
                              p_eval)
     examples = metrics.pop("examples")
-    progress.evaluated_epochs = epoch + 1
-    lr_scale = float(state.lr_scale)
-    if metrics["bleu4"] > progress.best_bleu4:
-        progress.best_bleu4 = metrics["bleu4"]
-        progress.epochs_since_best = progress.epochs_since_cut = 0
-    else:
-        progress.epochs_since_best += 1
-        progress.epochs_since_cut += 1
-        if progress.epochs_since_cut >= config.plateau_patience:
-            lr_scale *= config.plateau_factor
-            progress.epochs_since_cut = 0
-            log(f"val BLEU-4 plateau: learning rate scaled to {lr_scale:g} of the schedule")
-    if config.early_stopping_patience and \
-            progress.epochs_since_best >= config.early_stopping_patience:
-        progress.stopped_early = True
-        log(f"stopping early: no better val BLEU-4 for {progress.epochs_since_best} epochs")
+    lr_scale = progress.after_validation(epoch, metrics["bleu4"], float(state.lr_scale),
+                                         config, log)
     state = state.replace(lr_scale=np.asarray(lr_scale, np.float32))
     if progress.epochs_since_best == 0:
         checkpoints.save_best(state, dataclasses.asdict(progress), metrics["bleu4"])

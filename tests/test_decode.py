@@ -77,6 +77,52 @@ def test_wide_beam_finds_the_exhaustive_optimum_and_narrow_never_beats_it(setup)
             assert float(score[0]) <= best + 1e-5
 
 
+def _emitted(tokens):
+    """The tokens after <start>, up to and including <end> (all of them if none)."""
+    sequence = [int(t) for t in tokens[1:]]
+    return tuple(sequence[:sequence.index(END_ID) + 1] if END_ID in sequence else sequence)
+
+
+@pytest.mark.parametrize("beam", [1, 2, 4])
+@pytest.mark.parametrize("length_penalty", [0.0, 1.5])
+@pytest.mark.parametrize("ends", [True, False])
+def test_every_returned_score_is_the_summed_log_probability_of_its_tokens(
+        setup, beam, length_penalty, ends):
+    model, variables, features = setup
+    variables = _with_end_bias(variables, 1.0) if ends else _never_end(variables)
+    tokens, scores, _ = beam_search(model, variables, features, beam, 6,
+                                    length_penalty=length_penalty)
+    for image in range(features.shape[0]):
+        sequence = _emitted(np.asarray(tokens[image]))
+        assert (sequence[-1] == END_ID) == ends
+        np.testing.assert_allclose(float(scores[image]),
+                                   _log_prob(model, variables, features[image], sequence),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_length_penalty_ranks_ended_captions_by_score_over_length_to_the_power(setup):
+    """With an exhaustive beam, the caption returned is argmax log p / (words + <end>)^P."""
+    model, variables, features = setup
+    variables = _with_end_bias(variables, -1.0)  # long and short captions both plausible
+    max_length = 5
+    ended = [(*body, END_ID) for n in range(max_length - 1)
+             for body in itertools.product(range(3, VOCAB), repeat=n)]
+    wide = len(ended) + (VOCAB - 3) ** (max_length - 1)
+    scored = [{s: _log_prob(model, variables, features[image], s) for s in ended}
+              for image in range(features.shape[0])]
+    chosen = {}
+    for penalty in (0.0, 1.0, 3.0):
+        tokens, _, _ = beam_search(model, variables, features, wide, max_length,
+                                   length_penalty=penalty)
+        for image in range(features.shape[0]):
+            best = max(ended, key=lambda s: scored[image][s] / len(s) ** penalty)
+            assert _emitted(np.asarray(tokens[image])) == best, (penalty, image)
+            chosen[penalty, image] = best
+    lengths = {p: np.mean([len(chosen[p, i]) for i in range(features.shape[0])])
+               for p in (0.0, 1.0, 3.0)}
+    assert lengths[0.0] < lengths[3.0]  # as documented: P > 0 favours longer captions
+
+
 def test_batched_equals_one_image_at_a_time(setup):
     model, variables, features = setup
     tokens, scores, alphas = beam_search(model, variables, features, 3, 7)

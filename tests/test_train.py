@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxcap import __version__, cli, configs
+from jaxcap import __version__, cli, configs, train
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import VARIANTS, SoftAttentionDecoder
 from jaxcap.runs import load_run
@@ -42,18 +42,23 @@ def _losses(workdir):
     return [(r["step"], r["loss"]) for r in lines if "loss" in r and "val_loss" not in r]
 
 
+def _validation(workdir, key):
+    lines = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["epoch"], r[key]) for r in lines if "val_loss" in r]
+
+
 def _evals(workdir):
     lines = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     return [(r["epoch"], r["val_loss"], r["bleu4"]) for r in lines if "val_loss" in r]
 
 
-def _tiny_training(rng):
+def _tiny_training(rng, dropout=0.0):
     """A tiny decoder's state, a batch of 8 captions and its train step."""
     config = configs.load(TINY)
-    config.decoder.dropout = 0.0  # each device draws its own dropout mask
     config.schedule = "constant"  # warmup would make the first update zero
     model = Captioner(SoftAttentionDecoder(vocab_size=30, feature_dim=8, embed_dim=50,
-                                           hidden_dim=16, attention_dim=8, dropout_rate=0.0))
+                                           hidden_dim=16, attention_dim=8,
+                                           dropout_rate=dropout))
     tx = make_optimizer(config, learning_rate_schedule(config, 100))
     embedding = rng.normal(size=(30, 50)).astype(np.float32)
     state = init_state(model, config, (2, 2, 8), embedding, None, tx)
@@ -83,6 +88,77 @@ def test_pmap_step_on_four_devices_equals_one_device_on_the_whole_batch(rng):
                  four[0].params, one[0].params)
     assert not np.allclose(four[0].params["decoder"]["output"]["kernel"][0],
                            state.params["decoder"]["output"]["kernel"])
+
+
+def test_with_dropout_each_device_draws_its_own_stream(rng):
+    """What the README says of dropout on several devices: device d draws its masks from
+    the step's key folded with d, so 4 devices give the update of one device running the
+    4 shards with those 4 streams (vmap over the same axis name), not that of one device
+    drawing one mask for the whole batch."""
+    state, batch, step = _tiny_training(rng, dropout=0.5)
+    key = jax.random.PRNGKey(3)
+    shards = jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch)
+    four = jax.pmap(step, axis_name="batch")(flax.jax_utils.replicate(state), shards,
+                                             flax.jax_utils.replicate(key))
+    streams = jax.jit(jax.vmap(step, axis_name="batch", in_axes=(None, 0, None)))(
+        state, shards, key)
+    np.testing.assert_allclose(four[1]["loss"][0], streams[1]["loss"][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b[0], rtol=2e-5, atol=1e-7),
+                 four[0].params, streams[0].params)
+    whole = jax.pmap(step, axis_name="batch", devices=jax.local_devices()[:1])(
+        flax.jax_utils.replicate(state, jax.local_devices()[:1]),
+        jax.tree.map(lambda x: x[None], batch), flax.jax_utils.replicate(key, jax.local_devices()[:1]))
+    assert abs(float(whole[1]["loss"][0]) - float(four[1]["loss"][0])) > 1e-4
+
+
+def test_the_learning_rate_scale_scales_every_update(rng):
+    state, batch, step = _tiny_training(rng)
+    one = jax.pmap(step, axis_name="batch", devices=jax.local_devices()[:1])
+    args = (jax.tree.map(lambda x: x[None], batch), jax.random.PRNGKey(0)[None])
+    moved = {}
+    for scale in (1.0, 0.5):
+        scaled = state.replace(lr_scale=np.float32(scale))
+        new = one(flax.jax_utils.replicate(scaled, jax.local_devices()[:1]), *args)[0]
+        moved[scale] = jax.tree.map(lambda a, b: a[0] - b, new.params, state.params)
+    jax.tree.map(lambda full, half: np.testing.assert_allclose(half, full / 2, rtol=1e-5,
+                                                               atol=1e-9),
+                 moved[1.0], moved[0.5])
+
+
+@pytest.mark.parametrize("scores, scales, stops_after", [
+    # patience 2 for a cut, 3 for stopping; a better score resets both counts
+    ([0.1, 0.2, 0.2, 0.1, 0.3, 0.3, 0.3, 0.3], [1, 1, 1, .5, .5, .5, .25, .25], 8),
+    ([0.1, 0.1, 0.1, 0.1, 0.1], [1, 1, .5, .5], 4),
+    ([0.1, 0.2, 0.3, 0.4], [1, 1, 1, 1], None),
+])
+def test_plateau_cuts_the_rate_and_patience_stops_the_run(scores, scales, stops_after):
+    config = configs.load(TINY)
+    config.plateau_patience, config.plateau_factor, config.early_stopping_patience = 2, 0.5, 3
+    progress, scale, seen = train.Progress(), 1.0, []
+    for epoch, bleu4 in enumerate(scores):
+        scale = progress.after_validation(epoch, bleu4, scale, config, log=lambda _: None)
+        seen.append(scale)
+        if progress.stopped_early:
+            break
+    assert seen == scales[:len(seen)]
+    assert (len(seen) if progress.stopped_early else None) == stops_after
+    config.early_stopping_patience = 0  # off
+    progress = train.Progress()
+    for epoch in range(20):
+        progress.after_validation(epoch, 0.0, 1.0, config, log=lambda _: None)
+    assert not progress.stopped_early
+
+
+def test_a_run_that_stops_improving_cuts_its_rate_and_stops_early(tmp_path, data_dir):
+    """With the learning rate at 0 val BLEU-4 never improves after epoch 1."""
+    workdir = tmp_path / "flat"
+    args = _train_args(workdir, data_dir, "--config.learning_rate=0", "--config.num_epochs=6",
+                       "--config.plateau_patience=1", "--config.early_stopping_patience=2")
+    assert cli.main(args) == 0
+    assert [(e, r) for e, r in _validation(workdir, "lr_scale")] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    assert _losses(workdir)[-1][0] == 3 * 6  # 3 of 6 epochs, 6 steps each
+    assert cli.main(args) == 0  # rerun: the stop is remembered, nothing more is trained
+    assert _losses(workdir)[-1][0] == 3 * 6
 
 
 @pytest.mark.parametrize("device_count", [1, 4])
