@@ -122,7 +122,9 @@ def _add_search_options(parser) -> None:
                              "eval.max_length)")
     search.add_argument("--min-length", type=int, default=1, help="words before <end>")
     search.add_argument("--length-penalty", type=float, default=0.0,
-                        help="rank finished beams by score / length**P (0: summed log-prob)")
+                        help="rank finished beams by score / length**P, the length counting "
+                             "the words and <end> (0: by summed log-prob); P > 0 favours "
+                             "longer captions")
     search.add_argument("--no-repeat-ngram", type=int, default=0,
                         help="never repeat an n-gram of this size (0: off)")
     search.add_argument("--temperature", type=float, default=0.0,
@@ -172,6 +174,56 @@ def _add_evaluate(subparsers) -> None:
     parser.set_defaults(module="jaxcap.evaluate")
 
 
+def _add_serve(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a trained run over HTTP (JSON API, dynamic batching, a web page)",
+        description="Serve the best checkpoint of RUN_DIR: POST /v1/captions (multipart field "
+                    "'images', repeatable, or one raw image body), GET /v1/model, /healthz, "
+                    "/readyz, the API's own documentation at /docs and a page at /. Requests "
+                    "are queued and decoded together: up to --max-batch images, or whatever "
+                    "arrived within --max-wait-ms. Ready once every bucket of the default "
+                    "search is compiled.",
+        epilog="example:\n  jaxcap serve --workdir runs/shapes --port 8000 --beam 3\n"
+               "  curl -F images=@cat.jpg -F images=@dog.png http://127.0.0.1:8000/v1/captions",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="the run directory of 'jaxcap train'")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="most images decoded together (rounded up to the device count)")
+    parser.add_argument("--max-wait-ms", type=float, default=10,
+                        help="how long a batch waits for more requests to fill it")
+    parser.add_argument("--beam", type=int, default=3, help="default beam size (1: greedy)")
+    parser.add_argument("--max-images", type=int, default=64, help="most images a request")
+    parser.add_argument("--max-body-mb", type=float, default=20, help="largest request body")
+    parser.add_argument("--queue-images", type=int, default=1024,
+                        help="images waiting at most; beyond, 503 with Retry-After")
+    parser.add_argument("--timeout-s", type=float, default=30,
+                        help="a request not answered in this time gets 504")
+    _add_search_options(parser)
+    parser.set_defaults(module="jaxcap.serve")
+
+
+def _add_migrate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "migrate", help="carry a run over a rename of parameters by a newer jaxcap",
+        description="Rewrite every checkpoint of RUN (checkpoints/ and best/) whose parameter "
+                    "names no longer fit the model its config builds, under the new names: "
+                    "the renames jaxcap releases record, then each --rename. Values are copied "
+                    "bit for bit (training resumes exactly); nothing is written unless every "
+                    "checkpoint then fits; the originals are kept in RUN/before-migration-TIME.",
+        epilog="example:\n  jaxcap migrate runs/old --rename '^decoder/lstm/'=decoder/cell/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="the run directory of 'jaxcap train'")
+    parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                        help="a regular expression over paths like decoder/output/kernel and its "
+                             "replacement; repeatable, applied in order")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="say what would be renamed, change nothing")
+    parser.set_defaults(module="jaxcap.migrate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxcap", description="Image captioning in JAX/Flax: convert ResNet weights, "
@@ -183,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_caption(subparsers)
     _add_evaluate(subparsers)
+    _add_serve(subparsers)
+    _add_migrate(subparsers)
     return parser
 
 
@@ -197,13 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     from jaxcap.data.glove import GloveError
     from jaxcap.data.readers import DataError
     from jaxcap.extract import ExtractError
+    from jaxcap.migrate import MigrationError
     from jaxcap.models.encoder import WeightsError
+    from jaxcap.serve import ServeError
     from jaxcap.train import TrainingError
 
     try:
         return importlib.import_module(args.module).main(args)
     except (WeightsError, ExtractError, DataError, GloveError, ConfigError,
-            TrainingError, CaptionError) as error:
+            TrainingError, CaptionError, MigrationError, ServeError) as error:
         print(f"jaxcap {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

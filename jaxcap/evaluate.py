@@ -152,8 +152,9 @@ def format_table(report: dict) -> str:
 
 def main(args) -> int:
     """``jaxcap evaluate``: see ``jaxcap.cli``."""
-    from jaxcap.caption import search_options
+    from jaxcap.caption import check_batch_size, search_options
 
+    check_batch_size(args.batch_size)
     run = load_run(args.workdir)
     metrics = [m for m in COCO_METRICS if not (args.no_meteor and m == "meteor")]
     report = evaluate_run(run, args.split, search_options(args, run), args.batch_size, metrics)

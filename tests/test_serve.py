@@ -1,0 +1,307 @@
+"""jaxcap serve over real HTTP on loopback: batching, results equal to CaptionSearch, every
+error path, bounded concurrency and memory, and the page in a headless browser."""
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="jaxcap serve needs the [serve] extra")
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from jaxcap.data.images import load_image  # noqa: E402
+from jaxcap.decode import CaptionSearch, SearchOptions, beam_search  # noqa: E402
+from jaxcap.runs import load_run  # noqa: E402
+from jaxcap.serve import DynamicBatcher, Limits, create_app  # noqa: E402
+
+DEFAULTS = SearchOptions(beam_size=3, max_length=12)
+
+
+@pytest.fixture(scope="module")
+def run(trained_run):
+    return load_run(trained_run)
+
+
+@pytest.fixture(scope="module")
+def photos(sample_photos, tmp_path_factory):
+    """Real photos as the files a client sends: (name, bytes), PNG and JPEG."""
+    return [(name, Path(path).read_bytes()) for name, path in sample_photos]
+
+
+def _expected(run, photos, options=DEFAULTS):
+    """What CaptionSearch says of the photos, one batch: {name: (caption, score)}."""
+    side, resize = run.config.encoder.image_size, run.config.encoder.resize
+    pixels = np.stack([load_image(data, side, resize) for _, data in photos])
+    found = CaptionSearch(run.image_model, run.image_variables, run.vocabulary, options,
+                          max_batch=8)(pixels)
+    return {name: (text, float(score))
+            for (name, _), text, score in zip(photos, found.texts, found.scores)}
+
+
+@contextlib.contextmanager
+def serving(app, wait_ready=True):
+    """The app on a free loopback port, in a thread: yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    while wait_ready and httpx.get(f"{url}/readyz").status_code != 200:
+        assert time.time() < deadline, "the server never became ready"
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _files(photos):
+    return [("images", (name, data)) for name, data in photos]
+
+
+def _check(results, expected):
+    for result in results:
+        caption, score = expected[result["image"]]
+        assert result["caption"] == caption, result["image"]
+        np.testing.assert_allclose(result["score"], score, rtol=1e-5, atol=1e-5)
+        assert " ".join(result["words"]) == caption
+
+
+def test_requests_sent_together_are_answered_from_one_decode(run, photos):
+    app = create_app(run, DEFAULTS, max_batch=8, max_wait_ms=1500)
+    expected = _expected(run, photos)
+    with serving(app) as url:
+        async def send_all():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/v1/captions", files=_files([p]))
+                                              for p in photos))
+        responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [200] * len(photos)
+    bodies = [r.json() for r in responses]
+    assert len({body["batch"]["id"] for body in bodies}) == 1  # one decode for all
+    assert {body["batch"]["images"] for body in bodies} == {len(photos)}
+    for body in bodies:
+        _check(body["results"], expected)
+
+
+def test_images_of_one_request_in_order_with_a_bad_file_named(run, photos):
+    garbage = ("notes.txt", b"these are not pixels")
+    sent = [photos[0], garbage, photos[1], photos[2]]
+    expected = _expected(run, photos)
+    with serving(create_app(run, DEFAULTS, max_batch=8)) as url:
+        response = httpx.post(f"{url}/v1/captions", files=_files(sent), timeout=60)
+        assert response.status_code == 200
+        results = response.json()["results"]
+        assert [r["image"] for r in results] == [name for name, _ in sent]
+        assert "notes.txt" in results[1]["error"] and "not a readable image" in results[1]["error"]
+        _check([results[0], *results[2:]], expected)
+
+        only_bad = httpx.post(f"{url}/v1/captions", files=_files([garbage]), timeout=60)
+        assert only_bad.status_code == 422
+        assert "notes.txt" in only_bad.json()["results"][0]["error"]
+
+        # One raw image as the body, options in the query string; attention on request.
+        raw = httpx.post(f"{url}/v1/captions?beam=1&attention=true&name=cat.png",
+                         content=photos[3][1], headers={"content-type": "image/png"},
+                         timeout=60)
+        assert raw.status_code == 200
+        result = raw.json()["results"][0]
+        greedy = _expected(run, [("cat.png", photos[3][1])], SearchOptions(max_length=12))
+        _check([result], greedy)
+        grid = np.asarray(result["attention"])
+        assert grid.shape[0] == len(result["words"]) and grid.shape[1] == grid.shape[2]
+        np.testing.assert_allclose(grid.sum(axis=(1, 2)), 1.0, atol=1e-3)
+
+        model = httpx.get(f"{url}/v1/model").json()
+        assert model["vocabulary_size"] == len(run.vocabulary)
+        assert model["checkpoint_step"] == run.step and len(model["devices"]) == 4
+        assert model["search_defaults"]["beam_size"] == 3 and model["decoder_variant"] == "soft"
+        assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+        assert "/v1/captions" in httpx.get(f"{url}/openapi.json").json()["paths"]
+
+
+def test_limits_are_answered_without_disturbing_the_service(run, photos):
+    limits = Limits(max_body_bytes=700_000, max_images=4, queue_images=4, timeout_s=1.5)
+    big = max(photos, key=lambda p: len(p[1]))
+    small = min(photos, key=lambda p: len(p[1]))
+    assert len(big[1]) > limits.max_body_bytes > 4 * len(small[1])
+    # Fewer than 4 images wait up to 5 s for company, past their 1.5 s deadline; 4 images
+    # fill a batch (4 devices) and go at once.
+    with serving(create_app(run, DEFAULTS, max_batch=4, max_wait_ms=5000, limits=limits)) as url:
+        post = lambda files, **kw: httpx.post(f"{url}/v1/captions", files=files,  # noqa: E731
+                                              timeout=60, **kw)
+        assert post(_files([big])).status_code == 413  # body over the limit
+        assert post(_files([small] * 5)).status_code == 413  # over max_images
+        assert post(_files([small]), data={"beam": "99"}).status_code == 422
+        assert post(_files([small]), data={"temperature": "0.5", "beam": "3"}).status_code == 422
+
+        async def crowd():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                waiting = asyncio.create_task(client.post("/v1/captions",
+                                                          files=_files([small] * 3)))
+                await asyncio.sleep(0.5)  # 3 of the queue's 4 images wait for a batch
+                full = await client.post("/v1/captions", files=_files([small] * 2))
+                return await waiting, full
+        timed_out, full = asyncio.run(crowd())
+        assert full.status_code == 503 and full.headers["retry-after"] == "1"
+        assert timed_out.status_code == 504
+        answered = post(_files([small] * 4))  # the worker and the queue carry on
+        assert answered.status_code == 200
+        _check(answered.json()["results"], _expected(run, [small]))
+
+
+def test_ready_only_after_the_default_search_is_compiled_and_defaults_never_compile(
+        run, photos, monkeypatch):
+    release = threading.Event()
+    warm_up = DynamicBatcher.warm_up
+
+    async def held_warm_up(self):
+        await asyncio.get_running_loop().run_in_executor(None, release.wait)
+        return await warm_up(self)
+
+    monkeypatch.setattr(DynamicBatcher, "warm_up", held_warm_up)
+    options = SearchOptions(beam_size=2, max_length=9)  # compiled by nobody before this test
+    with serving(create_app(run, options, max_batch=8), wait_ready=False) as url:
+        assert httpx.get(f"{url}/readyz").status_code == 503
+        release.set()
+        deadline = time.time() + 120
+        while httpx.get(f"{url}/readyz").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        compiled = beam_search._cache_size()
+        for count in (1, 3, 4, 5, 8):
+            response = httpx.post(f"{url}/v1/captions", files=_files((photos * 2)[:count]),
+                                  timeout=60)
+            assert response.status_code == 200
+        assert beam_search._cache_size() == compiled  # every bucket was compiled at start
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_200_requests_from_32_clients_each_get_their_own_answer(trained_run, run, photos,
+                                                                tmp_path):
+    """``jaxcap serve`` itself, in its own process: nothing lost or mixed up, and its
+    memory after the storm within 10% of what it was once ready."""
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxcap.cli", "serve", "--workdir", str(trained_run),
+         "--port", str(port), "--max-batch", "16", "--max-length", "12"],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            assert time.time() < deadline
+            time.sleep(0.2)
+        ready_rss = _rss_kib(process.pid)
+        expected = _expected(run, photos)
+        rng = np.random.default_rng(0)
+        requests = [[photos[i] for i in rng.choice(len(photos), rng.integers(1, 4))]
+                    for _ in range(200)]
+
+        async def storm():
+            gate = asyncio.Semaphore(32)
+            async with httpx.AsyncClient(base_url=url, timeout=120,
+                                         limits=httpx.Limits(max_connections=32)) as client:
+                async def one(sent):
+                    async with gate:
+                        return await client.post("/v1/captions", files=_files(sent))
+                return await asyncio.gather(*(one(sent) for sent in requests))
+
+        responses = asyncio.run(storm())
+        assert [r.status_code for r in responses] == [200] * 200
+        batches = set()
+        for sent, response in zip(requests, responses):
+            results = response.json()["results"]
+            assert [r["image"] for r in results] == [name for name, _ in sent]
+            _check(results, expected)
+            batches.add(response.json()["batch"]["id"])
+        assert len(batches) < 200  # requests shared decodes
+        assert _rss_kib(process.pid) <= 1.10 * ready_rss
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+    lines = (tmp_path / "serve.log").read_text()
+    assert lines.count("latency_ms=") == 200  # one log line per request
+
+
+def _browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("no headless browser: install Debian's chromium and chromium-driver "
+                    "(.ci/run does)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium drives the browser")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                 "--window-size=1200,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver),
+                            options=options)
+
+
+def test_the_page_captions_an_upload_and_shows_a_words_attention(run, sample_photos, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    try:
+        with serving(create_app(run, DEFAULTS, max_batch=8)) as url:
+            browser.get(url)
+            chooser = browser.find_element(By.ID, "files")
+            browser.execute_script("arguments[0].hidden = false", chooser)
+            chooser.send_keys(dict(sample_photos)["chelsea.png"])
+            WebDriverWait(browser, 60).until(
+                lambda b: b.find_elements(By.CSS_SELECTOR, "figure .word"))
+            words = browser.find_elements(By.CSS_SELECTOR, "figure .word")
+            expected = _expected(run, [("chelsea.png",
+                                        Path(dict(sample_photos)["chelsea.png"]).read_bytes())])
+            assert " ".join(w.text for w in words) == expected["chelsea.png"][0]
+            overlay = browser.find_element(By.CSS_SELECTOR, "figure canvas.overlay")
+            shaded = ("const c = arguments[0].getContext('2d').getImageData(0, 0, "
+                      "arguments[0].width, arguments[0].height).data; let n = 0; "
+                      "for (let i = 3; i < c.length; i += 4) n += c[i] > 0; return n;")
+            assert browser.execute_script(shaded, overlay) == 0
+            ActionChains(browser).move_to_element(words[0]).perform()
+            WebDriverWait(browser, 10).until(lambda b: b.execute_script(shaded, overlay) > 0)
+            screenshot = tmp_path / "serve_page.png"
+            browser.save_screenshot(str(screenshot))
+            assert Image.open(screenshot).size[0] > 0
+            print(f"screenshot: {screenshot}")
+    finally:
+        browser.quit()
