@@ -29,13 +29,25 @@ def setup():
     return model, variables, features
 
 
-def _log_prob(model, variables, features, sequence):
-    """Exact log-probability of ``sequence`` (after <start>) for one image, by teacher forcing."""
-    tokens = jnp.asarray([[START_ID, *sequence]], jnp.int32)
-    logits = model.apply(variables, features[None], tokens[:, :-1])["logits"]
+def _log_probs(model, variables, features, sequences):
+    """Exact log-probabilities of ``sequences`` (each after <start>) for one image, by
+    teacher forcing all of them as one batch (padding after a sequence changes nothing
+    before it: the decoder is causal)."""
+    length = max(len(s) for s in sequences)
+    tokens = np.zeros((len(sequences), 1 + length), np.int32)
+    tokens[:, 0] = START_ID
+    for row, sequence in enumerate(sequences):
+        tokens[row, 1:1 + len(sequence)] = sequence
+    batch = jnp.broadcast_to(features, (len(sequences), *features.shape))
+    logits = model.apply(variables, batch, jnp.asarray(tokens[:, :-1]))["logits"]
     logits = logits.at[..., 0].set(-jnp.inf).at[..., START_ID].set(-jnp.inf)
-    logp = jax.nn.log_softmax(logits[0], axis=-1)
-    return float(sum(logp[t, token] for t, token in enumerate(sequence)))
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    return [float(sum(logp[row, t, token] for t, token in enumerate(sequence)))
+            for row, sequence in enumerate(sequences)]
+
+
+def _log_prob(model, variables, features, sequence):
+    return _log_probs(model, variables, features, [sequence])[0]
 
 
 def _with_end_bias(variables, bias):
@@ -66,7 +78,7 @@ def test_wide_beam_finds_the_exhaustive_optimum_and_narrow_never_beats_it(setup)
             sequences.append((*body, END_ID))
     sequences += list(itertools.product(range(3, VOCAB), repeat=max_length - 1))
     for image in range(features.shape[0]):
-        scored = {s: _log_prob(model, variables, features[image], s) for s in sequences}
+        scored = dict(zip(sequences, _log_probs(model, variables, features[image], sequences)))
         ended = {s: v for s, v in scored.items() if s[-1] == END_ID}
         best = max(ended.values())
         _, wide_score, _ = beam_search(model, variables, features[image:image + 1],
@@ -108,7 +120,7 @@ def test_length_penalty_ranks_ended_captions_by_score_over_length_to_the_power(s
     ended = [(*body, END_ID) for n in range(max_length - 1)
              for body in itertools.product(range(3, VOCAB), repeat=n)]
     wide = len(ended) + (VOCAB - 3) ** (max_length - 1)
-    scored = [{s: _log_prob(model, variables, features[image], s) for s in ended}
+    scored = [dict(zip(ended, _log_probs(model, variables, features[image], ended)))
               for image in range(features.shape[0])]
     chosen = {}
     for penalty in (0.0, 1.0, 3.0):
