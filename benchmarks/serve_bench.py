@@ -5,8 +5,9 @@ Three ways to caption the same shapes test images with the same run and search
 ``jaxcap serve`` with dynamic batching (``--max-batch 64 --max-wait-ms 10``),
 and ``jaxcap serve --max-batch 1`` (every request decoded alone, as a service
 without batching would). Each server runs in its own process on loopback; the
-clients (httpx, asyncio) send one image per request and run in this process,
-so on a small machine they take CPU from the server: the figures include that.
+clients (keep-alive connections sending prepared requests, in the manner of
+wrk) send one image per request and run in this process, so on a small machine
+they take some CPU from the server: the figures include that.
 Latency is from sending a request to reading its answer.
 
     python benchmarks/serve_bench.py [--workdir runs/shapes] [--requests 256] [--repetitions 3]
@@ -74,26 +75,50 @@ def server(workdir: str, max_batch: int):
         process.wait(60)
 
 
+def _request(host: str, port: int, image: bytes) -> bytes:
+    """A whole ``POST /v1/captions`` with one image, as bytes on the wire (multipart)."""
+    boundary = "jaxcapbench"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; "
+            f"filename=\"scene.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode() + image + \
+        f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /v1/captions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
 async def _load(url: str, images: list[bytes], clients: int, requests: int):
-    """``requests`` one-image requests from ``clients`` concurrent clients: (seconds,
-    latencies in ms)."""
+    """``requests`` one-image requests from ``clients`` concurrent keep-alive connections:
+    (seconds, latencies in ms). A load generator in the manner of wrk: requests are
+    prepared bytes and answers are read by their Content-Length, so that on a small
+    machine the clients take as little CPU from the server as they can (an httpx client
+    at 64 connections took most of a core here)."""
+    host, port = url.split("//")[1].split(":")
+    wire = [_request(host, int(port), image) for image in images]
     latencies = []
     queue = list(range(requests))
 
-    async def client(http):
-        while queue:
-            index = queue.pop()
-            start = time.perf_counter()
-            response = await http.post("/v1/captions",
-                                       files=[("images", ("scene.jpg", images[index % len(images)]))])
-            response.raise_for_status()
-            latencies.append(1000 * (time.perf_counter() - start))
+    async def client():
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while queue:
+                index = queue.pop()
+                start = time.perf_counter()
+                writer.write(wire[index % len(wire)])
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                if status != 200:
+                    raise RuntimeError(f"status {status}")
+                latencies.append(1000 * (time.perf_counter() - start))
+        finally:
+            writer.close()
 
-    async with httpx.AsyncClient(base_url=url, timeout=300,
-                                 limits=httpx.Limits(max_connections=clients)) as http:
-        start = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        return time.perf_counter() - start, latencies
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return time.perf_counter() - start, latencies
 
 
 def measure(url: str, images, clients: int, requests: int, repetitions: int) -> dict:

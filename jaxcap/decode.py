@@ -281,7 +281,9 @@ class CaptionSearch:
 
     def _chunk(self, inputs: np.ndarray, first_index: int):
         count, size = len(inputs), self.bucket(len(inputs))
-        padded = np.concatenate([inputs, np.zeros((size - count, *inputs.shape[1:]), inputs.dtype)])
+        # Padded with copies of the first image, not blank ones: the search stops when
+        # every row has ended, and a blank image's caption may run to max_length.
+        padded = np.concatenate([inputs, np.repeat(inputs[:1], size - count, axis=0)])
         padded = jax.device_put(padded, self._rows)
         o = self.options
         args = (self.model, self.variables, padded)
