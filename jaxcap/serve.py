@@ -117,7 +117,9 @@ class DynamicBatcher:
                                                     self.run.image_variables,
                                                     self.run.vocabulary, options, self.max_batch)
             while len(self._searches) > self.cached_searches:
-                self._searches.popitem(last=False)  # the default is used, so it stays
+                # The least recently used goes; its programs stay in the jit caches,
+                # so using it again costs a copy of the variables, not a compilation.
+                self._searches.popitem(last=False)
         self._searches.move_to_end(options)
         return self._searches[options]
 

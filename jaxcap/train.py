@@ -56,7 +56,7 @@ from jaxcap.data import builders, glove, shapes
 from jaxcap.data.pipeline import Batcher, FeatureStore, PipelineOptions, SplitIndex
 from jaxcap.data.text import PAD_ID, Vocabulary
 from jaxcap.decode import CaptionSearch, SearchOptions
-from jaxcap.extract import extract_entries
+from jaxcap.extract import extract_entries, write_text_atomic
 from jaxcap.metrics import caption_metrics
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import make_decoder
@@ -120,9 +120,7 @@ def _check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
 def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """``config.json``, written once the run has started (or resumed) with ``config``."""
     current = json.loads(config.to_json_best_effort())
-    partial = workdir / "config.json.partial"
-    partial.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, workdir / "config.json")
+    write_text_atomic(workdir / "config.json", json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 def _prepare_encoder(config, workdir: Path) -> Path:
@@ -414,9 +412,7 @@ def write_run_info(workdir: Path, params, **records) -> None:
     info = read_run_info(workdir)
     info.update(jaxcap_version=info.get("jaxcap_version", __version__),
                 last_run_by=__version__, params=param_layout(params), **records)
-    partial = workdir / (RUN_INFO + ".partial")
-    partial.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-    os.replace(partial, workdir / RUN_INFO)
+    write_text_atomic(workdir / RUN_INFO, json.dumps(info, indent=1, sort_keys=True) + "\n")
 
 
 
@@ -552,9 +548,7 @@ class MetricsLog:
                 with open(workdir / f"metrics.jsonl.before-resume-{resume_step}", "a") as out:
                     out.writelines(line + "\n" for line, k in zip(lines, keep) if not k)
                 kept = [line for line, k in zip(lines, keep) if k]
-                partial = self.path.with_suffix(".jsonl.partial")
-                partial.write_text("".join(line + "\n" for line in kept))
-                os.replace(partial, self.path)
+                write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         try:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
