@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcap.models import precision
+
 
 class AdditiveAttention(nn.Module):
     """``alpha = softmax_p(w . relu(W regions_p + query))``, as Show, Attend and Tell."""
@@ -26,9 +28,9 @@ class AdditiveAttention(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.encoder = nn.Dense(self.attention_dim, dtype=self.dtype)
+        self.encoder = precision.Dense(self.attention_dim, self.dtype)
         # No bias: a softmax ignores a shift of all scores, so a bias only collects noise.
-        self.score = nn.Dense(1, use_bias=False, dtype=self.dtype)
+        self.score = precision.Dense(1, self.dtype, use_bias=False)
 
     def project(self, regions):
         return self.encoder(regions)

@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcap.models import precision as mixed_precision
+
 # Blocks per stage, and whether blocks are bottlenecks (1x1, 3x3, 1x1 with 4x expansion).
 STAGE_SIZES = {
     18: ((2, 2, 2, 2), False),
@@ -97,16 +99,18 @@ def pointwise_conv(lhs, rhs, window_strides, padding, precision=None, **unused):
     assert rhs.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding), (rhs.shape, padding)
     del unused  # dilations are 1 and there is one feature group in a ResNet
     rows, cols = window_strides
-    return jnp.einsum("nhwc,cd->nhwd", lhs[:, ::rows, ::cols, :], rhs[0, 0], precision=precision)
+    return mixed_precision.einsum("nhwc,cd->nhwd", lhs[:, ::rows, ::cols, :], rhs[0, 0],
+                                  precision=precision)
 
 
 def _conv_bn(x, name: str, bn_name: str, features: int, kernel: int, strides: int,
              spec: VariantSpec, dtype, train: bool, relu: bool = True):
     """Conv then BatchNorm; must be called inside a compact method (it binds there)."""
     pad = kernel // 2
+    conv = pointwise_conv if kernel == 1 else mixed_precision.conv_general_dilated
     x = nn.Conv(features, (kernel, kernel), (strides, strides),
                 padding=((pad, pad), (pad, pad)), use_bias=spec.conv_bias, dtype=dtype,
-                conv_general_dilated=pointwise_conv if kernel == 1 else None, name=name)(x)
+                conv_general_dilated=conv, name=name)(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                      epsilon=spec.bn_epsilon, dtype=dtype, name=bn_name)(x)
     return nn.relu(x) if relu else x

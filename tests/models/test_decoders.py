@@ -147,6 +147,57 @@ def test_beam_one_is_greedy(variant, rng):
     np.testing.assert_allclose(alphas, beam_alphas, rtol=1e-5, atol=1e-7)
 
 
+def _dot_operand_dtypes(jaxpr) -> list:
+    """(lhs dtype, rhs dtype, accumulation dtype) of every matrix product in a jaxpr,
+    nested ones (inside scans, custom VJPs) included."""
+    found = []
+    for equation in jaxpr.eqns:
+        if equation.primitive.name == "dot_general":
+            lhs, rhs = (v.aval.dtype for v in equation.invars)
+            found.append((lhs, rhs, equation.params["preferred_element_type"]))
+        for param in equation.params.values():
+            for inner in (param if isinstance(param, (list, tuple)) else [param]):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += _dot_operand_dtypes(inner)
+    return found
+
+
+@variants
+def test_bfloat16_multiplies_in_bfloat16_and_keeps_float32_where_precision_matters(variant, rng):
+    """Mixed precision: parameters, their gradients, the logits, the attention and the
+    loss in float32; every product of the forward pass on bfloat16 operands
+    accumulating in float32 (the form XLA's CPU runs on AVX-512 BF16/AMX kernels);
+    an LSTM's cell state in float32."""
+    model = Captioner(make_decoder(_config(variant), VOCAB, FEATURES, jnp.bfloat16))
+    batch = _batch(rng)
+    variables = _init(model, batch)
+    assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    tokens = jnp.asarray(batch["tokens"])
+    outputs = jax.jit(model.apply)(variables, batch["features"], tokens)
+    assert outputs["logits"].dtype == jnp.float32 and outputs["alphas"].dtype == jnp.float32
+    products = _dot_operand_dtypes(
+        jax.make_jaxpr(model.apply)(variables, batch["features"], tokens).jaxpr)
+    assert products and all(p == (jnp.bfloat16, jnp.bfloat16, jnp.float32) for p in products), \
+        products
+    _, state = model.apply(variables, batch["features"], 9, method=Captioner.start)
+    if variant in ("soft", "hard", "none", "adaptive"):
+        assert state[1].dtype == jnp.float32 and state[0].dtype == jnp.bfloat16  # (h, c)
+    params = {"params": variables["params"]}
+    rest = {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(params):
+        return _loss(model, {**params, **rest}, batch, train=True,
+                     rng=jax.random.PRNGKey(1))[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert value.dtype == jnp.float32 and np.isfinite(float(value))
+    assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+    reference = _loss(_model(variant), variables, batch)[0]
+    assert abs(float(_loss(model, variables, batch)[0]) - float(reference)) < 0.05 * abs(
+        float(reference))
+
+
 def test_soft_fast_path_equals_the_generic_path_in_loss_and_every_gradient(rng):
     """The hand-written backward against autodiff of the scanned step, with dropout on and
     a cotangent on the attention weights too; for the parameters and the features (whose

@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxcap.models import precision
 from jaxcap.models.decoders.base import Decoder, lstm_update, regions_of
 
 
@@ -56,6 +57,6 @@ class AdaptiveAttentionDecoder(Decoder):
         scores = self.score(jnp.tanh(candidates + query[:, None, :]))[..., 0]
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)  # (B, P + 1)
         alpha, beta = weights[:, :-1], weights[:, -1:]
-        attended = (jnp.einsum("bp,bph->bh", alpha.astype(self.dtype), visual) +
+        attended = (precision.einsum("bp,bph->bh", alpha.astype(self.dtype), visual) +
                     beta.astype(self.dtype) * sentinel)
         return (h, c), {"hidden": attended + h, "alpha": alpha}

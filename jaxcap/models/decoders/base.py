@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcap.models import precision
+
 # The random streams a step may draw from: dropout, and a variant's own samples.
 STEP_RNGS = ("dropout", "sample")
 
@@ -56,7 +58,7 @@ class Decoder(nn.Module):
         self.output = self.dense(self.vocab_size)
 
     def dense(self, features: int, use_bias: bool = True) -> nn.Dense:
-        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype)
+        return precision.Dense(features, self.dtype, use_bias=use_bias)
 
     # ------------------------------------------------------- what a variant writes
 

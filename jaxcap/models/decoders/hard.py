@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxcap.models import precision
 from jaxcap.models.decoders.base import Decoder
 from jaxcap.models.decoders.soft import SoftAttentionDecoder
 
@@ -48,7 +49,7 @@ class HardAttentionDecoder(SoftAttentionDecoder):
     def glimpse(self, alpha, regions, train: bool):
         if not train:
             most_likely = jax.nn.one_hot(jnp.argmax(alpha, axis=-1), alpha.shape[-1])
-            return jnp.einsum("bp,bpd->bd", most_likely.astype(regions.dtype), regions), {}
+            return precision.einsum("bp,bpd->bd", most_likely.astype(regions.dtype), regions), {}
         log_alpha = jnp.log(jnp.maximum(alpha, jnp.finfo(jnp.float32).tiny))
         region_key, expected_key = jax.random.split(self.make_rng("sample"))
         choice = jax.random.categorical(region_key, jax.lax.stop_gradient(log_alpha))
@@ -60,7 +61,7 @@ class HardAttentionDecoder(SoftAttentionDecoder):
         region_logp = jnp.where(expected, 0.0,
                                 jnp.take_along_axis(log_alpha, choice[:, None], axis=1)[:, 0])
         entropy = -jnp.sum(alpha * log_alpha, axis=-1)
-        context = jnp.einsum("bp,bpd->bd", weights.astype(regions.dtype), regions)
+        context = precision.einsum("bp,bpd->bd", weights.astype(regions.dtype), regions)
         return context, {"region_logp": region_logp, "entropy": entropy}
 
     def losses(self, outputs, token_logp, mask, weights, train: bool) -> dict:

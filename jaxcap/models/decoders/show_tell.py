@@ -31,7 +31,8 @@ class ShowAndTellDecoder(Decoder):
         mean = regions.mean(axis=1)
         uniform = jnp.full(regions.shape[:2], 1.0 / regions.shape[1], jnp.float32)
         image_gates = self.image_gates(mean) if self.feed_image else jnp.zeros(())
-        return (image_gates, uniform), (self.init_h(mean), self.init_c(mean))
+        initial = (self.init_h(mean), self.init_c(mean).astype(jnp.float32))  # float32 cell
+        return (image_gates, uniform), initial
 
     def step(self, context, state, word, train: bool):
         image_gates, uniform = context

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcap.models import precision
 from jaxcap.models.decoders.base import Decoder
 
 
@@ -42,12 +43,13 @@ def grid_positions(height: int, width: int, channels: int):
 def attend(queries, keys, values, mask=None):
     """Multi-head attention of queries ``(B, Q, H, d)`` over keys ``(B, K, H, d)``: the
     outputs ``(B, Q, H, d)`` and the weights ``(B, H, Q, K)``."""
-    logits = jnp.einsum("bqhd,bkhd->bhqk", queries, keys).astype(jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", queries, keys,
+                        preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(queries.shape[-1]))
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(values.dtype), values), weights
+    return precision.einsum("bhqk,bkhd->bqhd", weights.astype(values.dtype), values), weights
 
 
 class Block(nn.Module):
@@ -58,7 +60,7 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        dense = lambda n: nn.Dense(n, dtype=self.dtype)  # noqa: E731
+        dense = lambda n: precision.Dense(n, self.dtype)  # noqa: E731
         self.self_norm, self.cross_norm, self.mlp_norm = (nn.LayerNorm(dtype=self.dtype)
                                                           for _ in range(3))
         self.self_qkv, self.self_out = dense(3 * self.width), dense(self.width)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxcap.models import precision
 from jaxcap.models.attention import AdditiveAttention
 from jaxcap.models.decoders.base import Decoder, lstm_update, regions_of
 
@@ -42,7 +43,7 @@ class UpDownDecoder(Decoder):
         gates = self.attention_lstm_input(inputs) + self.attention_lstm_h(h_attention)
         h_attention, c_attention, _ = lstm_update(gates, c_attention, self.dtype)
         alpha = self.attention.weights(projected, self.query(h_attention))
-        attended = jnp.einsum("bp,bpd->bd", alpha.astype(regions.dtype), regions)
+        attended = precision.einsum("bp,bpd->bd", alpha.astype(regions.dtype), regions)
         gates = (self.language_lstm_input(jnp.concatenate([attended, h_attention], axis=-1)) +
                  self.language_lstm_h(h_language))
         h_language, c_language, _ = lstm_update(gates, c_language, self.dtype)
