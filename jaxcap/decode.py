@@ -185,10 +185,16 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
         # A finished beam only extends with <pad> at no cost.
         pad_only = jnp.where(jnp.arange(vocab) == PAD_ID, 0.0, -jnp.inf)
         logp = jnp.where(state["done"][..., None], pad_only, logp)
-        candidates = (state["scores"][..., None] + logp).transpose(1, 0, 2)
-        candidates = candidates.reshape(batch, k * vocab)
-        scores, flat = jax.lax.top_k(candidates, k)  # (B, K)
-        source, token = (flat // vocab).T, (flat % vocab).T.astype(jnp.int32)  # (K, B)
+        candidates = (state["scores"][..., None] + logp).transpose(1, 0, 2)  # (B, K, V)
+        # The image's k best of K * V candidates are among each beam's k best: two small
+        # top-k's instead of one over K * V (a tenth of the step's time on a CPU), with
+        # the same order among equal scores (lower beam, then lower word, first).
+        per_beam = min(k, vocab)
+        beam_scores, words = jax.lax.top_k(candidates, per_beam)  # (B, K, per_beam)
+        scores, flat = jax.lax.top_k(beam_scores.reshape(batch, k * per_beam), k)  # (B, K)
+        source = flat // per_beam
+        token = jnp.take_along_axis(words.reshape(batch, k * per_beam), flat, axis=1)
+        source, token = source.T, token.T.astype(jnp.int32)  # (K, B)
 
         def pick(x):  # gather along the beam axis (0) per image
             return jnp.take_along_axis(x, source.reshape(k, batch, *([1] * (x.ndim - 2))), axis=0)
