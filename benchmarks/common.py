@@ -9,17 +9,36 @@ import time
 import numpy as np
 
 
+# The matrix and vector extensions that decide which kernels the libraries pick:
+# PyTorch's oneDNN/MKL and XLA's bfloat16 products run far faster with them.
+MATRIX_EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                     "amx_tile", "amx_bf16", "amx_int8")
+
+
 def machine() -> dict:
-    """The machine the figures come from, and how busy it was when they started."""
+    """The machine the figures come from (CPU model and its matrix extensions), and
+    how busy it was when they started."""
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+            lines = handle.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines
+                   if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines
+                         if line.startswith("flags")))
     except (OSError, StopIteration):
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
+    return dict(cpu=cpu, cpu_extensions=" ".join(f for f in MATRIX_EXTENSIONS if f in flags),
+                cores=os.cpu_count(), python=platform.python_version(),
                 load_average_1min=load)
+
+
+def machine_line(info: dict) -> str:
+    """One line naming the machine, printed beside a benchmark's table."""
+    return (f"{info['cpu']} ({info['cores']} cores; {info['cpu_extensions'] or 'no AVX'}), "
+            f"load {info['load_average_1min']:.2f} at start")
 
 
 def best_seconds(run, repetitions: int, warmup: int = 1) -> float:
@@ -35,6 +54,27 @@ def best_seconds(run, repetitions: int, warmup: int = 1) -> float:
         run()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def best_seconds_alternating(runs: dict, repetitions: int) -> dict:
+    """``best_seconds`` of several contenders, their repetitions taken in turn.
+
+    This machine's speed drifts by 10-20% over minutes; alternating gives every
+    contender the same share of the fast and the slow minutes, where timing one
+    after the other hands the difference to whichever ran in the fast ones. Each
+    turn starts with an untimed call: after its work PyTorch's OpenMP threads
+    busy-wait for a while, and XLA timed right after PyTorch measured 10-15%
+    slower than alone (not with ``OMP_WAIT_POLICY=PASSIVE``), so the first call
+    after a switch absorbs the other side's leftovers.
+    """
+    times = {name: [] for name in runs}
+    for _ in range(repetitions):
+        for name, run in runs.items():
+            run()
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
 
 
 def matmul_gflops(size: int = 2048, repetitions: int = 5) -> float:
