@@ -165,7 +165,7 @@ def search_options(args, run) -> SearchOptions:
 def main(args) -> int:
     """``jaxcap caption``: see ``jaxcap.cli``."""
     check_batch_size(args.batch_size)
-    run = load_run(args.workdir)
+    run = load_run(args.workdir, args.dtype)
     options = search_options(args, run)
     images, missing = gather_images(args.images)
     for name, reason in missing:

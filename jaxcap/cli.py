@@ -131,6 +131,9 @@ def _add_search_options(parser) -> None:
                         help="> 0: sample captions at this temperature (with --beam 1)")
     search.add_argument("--top-k", type=int, default=0, help="sampling: only the k likeliest words")
     search.add_argument("--seed", type=int, default=0, help="sampling: random seed")
+    search.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="compute in this precision (default: the run's config.dtype); "
+                             "parameters are float32 whatever a run trained in")
 
 
 def _add_caption(subparsers) -> None:

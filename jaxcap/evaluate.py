@@ -155,7 +155,7 @@ def main(args) -> int:
     from jaxcap.caption import check_batch_size, search_options
 
     check_batch_size(args.batch_size)
-    run = load_run(args.workdir)
+    run = load_run(args.workdir, args.dtype)
     metrics = [m for m in COCO_METRICS if not (args.no_meteor and m == "meteor")]
     report = evaluate_run(run, args.split, search_options(args, run), args.batch_size, metrics)
     print(f"{report['workdir']}: best checkpoint (step {report['step']}), beam "

@@ -67,9 +67,15 @@ def abstract_state(workdir: Path, config, vocabulary: Vocabulary):
     return model, abstract, metadata, encoder_variables
 
 
-def load_run(workdir) -> TrainedRun:
-    """The best checkpoint of ``workdir`` with its model, vocabulary and encoder."""
+def load_run(workdir, dtype: str | None = None) -> TrainedRun:
+    """The best checkpoint of ``workdir`` with its model, vocabulary and encoder.
+
+    ``dtype``: the precision to compute in (``float32``, ``bfloat16``) when not the
+    run's own; checkpoints hold float32 parameters whatever the run computed in.
+    """
     workdir, config, vocabulary = read_run(workdir)
+    if dtype is not None:
+        config.dtype = dtype
     if not (workdir / "best").is_dir() or not any((workdir / "best").iterdir()):
         raise TrainingError(f"{workdir} has no best checkpoint yet: it is written at the end of "
                             "the first training epoch")

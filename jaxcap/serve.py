@@ -431,7 +431,7 @@ def main(args) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    run = load_run(args.workdir)
+    run = load_run(args.workdir, args.dtype)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2 ** 20), max_images=args.max_images,
                     queue_images=args.queue_images, timeout_s=args.timeout_s)
     app = create_app(run, search_options(args, run), args.max_batch, args.max_wait_ms, limits)

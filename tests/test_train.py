@@ -12,13 +12,15 @@ from pathlib import Path
 
 import flax.jax_utils
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
 from jaxcap import __version__, cli, configs, train
 from jaxcap.models.captioner import Captioner
-from jaxcap.models.decoders import VARIANTS, SoftAttentionDecoder
+from jaxcap.models.decoders import VARIANTS, SoftAttentionDecoder, make_decoder
 from jaxcap.runs import load_run
 from jaxcap.train import (init_state, learning_rate_schedule, make_optimizer,
                           train_step)
@@ -340,6 +342,48 @@ def test_a_run_written_before_the_decoder_variants_resumes_and_loads(tmp_path, d
     assert [step for step, _ in _losses(workdir)] == [1, 2, 3, 4, 5]
     assert cli.main(_train_args(workdir, data_dir, "--config.decoder.variant=updown")) == 2
     assert "decoder" in capsys.readouterr().err
+
+
+def test_a_bfloat16_run_keeps_float32_state_and_its_checkpoint_decodes_in_either_precision(
+        tmp_path, data_dir, rng):
+    """Mixed precision through the trainer: parameters, Adam's moments and the loss in
+    float32 (so checkpoints are float32), and the run captions in float32 as well as
+    in its own bfloat16."""
+    config = configs.load(TINY)
+    model = Captioner(make_decoder(config.decoder, 30, 8, jnp.bfloat16))
+    tx = make_optimizer(config, learning_rate_schedule(config, 100))
+    state = init_state(model, config, (2, 2, 8), rng.normal(size=(30, 50)).astype(np.float32),
+                       None, tx)
+    _, batch, _ = _tiny_training(rng)
+    one = jax.local_devices()[:1]
+    step = jax.pmap(lambda s, b, r: train_step(s, b, r, model=model, tx=tx, label_smoothing=0.0),
+                    axis_name="batch", devices=one)
+    state, metrics = step(flax.jax_utils.replicate(state, one),
+                          jax.tree.map(lambda x: x[None], batch),
+                          flax.jax_utils.replicate(jax.random.PRNGKey(0), one))
+    assert metrics["loss"].dtype == np.float32 and np.isfinite(float(metrics["loss"][0]))
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    assert {x.dtype for x in leaves if np.issubdtype(x.dtype, np.floating)} == {
+        np.dtype(np.float32)}
+
+    workdir = tmp_path / "bf16"
+    assert cli.main(_train_args(workdir, data_dir, "--config.dtype=bfloat16",
+                                "--config.num_epochs=1")) == 0
+    losses = [loss for _, loss in _losses(workdir)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    images = rng.integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+    for dtype in ("float32", "bfloat16"):
+        run = load_run(workdir, dtype=dtype)
+        assert run.image_model.decoder.dtype == jnp.dtype(dtype)
+        assert {x.dtype for x in jax.tree.leaves(run.variables)} == {np.dtype(np.float32)}
+        logits = run.image_model.apply(run.image_variables, images,
+                                       np.ones((2, 3), np.int32))["logits"]
+        assert logits.dtype == np.float32 and np.all(np.isfinite(np.asarray(logits)))
+    image, captions = tmp_path / "scene.png", tmp_path / "captions.jsonl"
+    Image.fromarray(images[0]).save(image)
+    assert cli.main(["caption", "--workdir", str(workdir), str(image), "--dtype", "float32",
+                     "--beam", "2", "--output", str(captions)]) == 0
+    assert json.loads(captions.read_text())["caption"]
 
 
 def test_nan_loss_stops_the_run_without_a_checkpoint_of_it(tmp_path, data_dir, capsys):
