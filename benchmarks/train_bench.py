@@ -17,7 +17,8 @@ machine, best of several repetitions of several steps, the contenders' repetitio
 taken in turn (``common.best_seconds_alternating``). jaxcap also runs the
 same soft decoder through the generic path every variant trains on (its step
 under ``nn.scan`` with plain autodiff, no hand-written backward), so that the
-fast path's worth is measured: ``generic_soft_captions_per_s``.
+fast path's worth is measured: ``generic_soft_captions_per_s``. And it runs in
+the opt-in bfloat16 precision (``jaxcap_bf16_captions_per_s``).
 
     python benchmarks/train_bench.py [--steps 10] [--repetitions 3]
 
@@ -94,12 +95,14 @@ def bucketed(data: list[dict]) -> list[dict]:
     return out
 
 
-def jaxcap_run(data: list[dict], fast_path: bool = True):
+def jaxcap_run(data: list[dict], fast_path: bool = True, dtype: str = "float32"):
     """jaxcap's pmapped train step on the bucketed batches; ``fast_path`` False trains the
-    soft variant through the generic path (its step under ``nn.scan``, plain autodiff)."""
+    soft variant through the generic path (its step under ``nn.scan``, plain autodiff);
+    ``dtype`` is the config's compute precision."""
     config = configs.load("flickr8k")
     config.text.max_length = MAX_LENGTH
     config.decoder.soft.fast_path = fast_path
+    config.dtype = dtype
     model = make_model(config, VOCAB, dict(depth=50, preprocessing="torch"))
     tx = make_optimizer(config, learning_rate_schedule(config, 1000))
     embedding = np.random.default_rng(0).standard_normal((VOCAB, 50)).astype(np.float32)
@@ -186,13 +189,15 @@ def main() -> None:
     seconds = best_seconds_alternating({
         "jaxcap": jaxcap_run(data),
         "generic": jaxcap_run(data, fast_path=False),
+        "bfloat16": jaxcap_run(data, dtype="bfloat16"),
         "tutorial": torch_run(data, hoist=False),
         "hoisted": torch_run(data, hoist=True),
         "hoisted_bucketed": torch_run(bucketed(data), hoist=True),
     }, args.repetitions)
-    ours, generic, tutorial, hoisted, hoisted_bucketed = (
+    ours, generic, bfloat16, tutorial, hoisted, hoisted_bucketed = (
         captions / seconds[name]
-        for name in ("jaxcap", "generic", "tutorial", "hoisted", "hoisted_bucketed"))
+        for name in ("jaxcap", "generic", "bfloat16", "tutorial", "hoisted",
+                     "hoisted_bucketed"))
     # The work jaxcap executes: each bucketed batch runs (its padded length - 1) steps.
     steps = float(np.mean([b["tokens"].shape[1] - 1 for b in bucketed(data)]))
     flops_per_caption = train_flops_per_caption(steps)
@@ -206,6 +211,7 @@ def main() -> None:
         ratio_vs_hoisted_bucketed=round(ours / hoisted_bucketed, 2),
         generic_soft_captions_per_s=round(generic, 1),
         generic_share_of_fast=round(generic / ours, 2),
+        jaxcap_bf16_captions_per_s=round(bfloat16, 1),
         matmul_gflops=round(peak, 1),
         gflops_per_caption=round(flops_per_caption / 1e9, 3),
         decoder_steps_per_caption=round(steps, 2),
