@@ -8,12 +8,25 @@ import functools
 import gc
 import http.server
 import os
+import shutil
+import tempfile
 import threading
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]).strip()
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Most of the suite's time is XLA compiling the same few programs again: in each test
+# module's process (caches are released between modules, below) and in the processes
+# tests start (a killed and resumed run, the distributed pair, the notebook's kernel),
+# which inherit this. One persistent compilation cache for the session compiles each
+# program once; a cached executable is the same program, so no result changes.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    COMPILATION_CACHE = tempfile.mkdtemp(prefix="jaxcap-tests-compilation-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
+else:
+    COMPILATION_CACHE = None  # the caller's own, kept
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402  (after the flags above)
 import numpy as np  # noqa: E402
@@ -24,6 +37,11 @@ from jaxcap.convert import init_weights  # noqa: E402
 
 def pytest_configure(config):
     assert jax.local_device_count() == 4, "tests expect 4 simulated devices"
+
+
+def pytest_unconfigure(config):
+    if COMPILATION_CACHE is not None:
+        shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,7 +91,7 @@ def loopback_server(tmp_path):
     server.server_close()
 
 
-TINY_CONFIG = os.path.join(os.path.dirname(__file__), "tiny_config.py")
+TINY_CONFIG = "tiny"  # jaxcap/configs/tiny.py
 
 
 def _train_tiny(tmp_path_factory, name, *overrides):

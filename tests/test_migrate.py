@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,7 +13,7 @@ from jaxcap.migrate import rename_state
 from jaxcap.runs import abstract_state, load_run, read_run
 from jaxcap.train import Checkpoints, saved_layout
 
-TINY_CONFIG = str(Path(__file__).parent / "tiny_config.py")
+TINY_CONFIG = "tiny"  # jaxcap/configs/tiny.py
 
 # What an older release might have called two of today's modules.
 OLD_NAMES = {"decoder/h_projection/": "decoder/hidden_projection/",

@@ -1,7 +1,7 @@
 """Configs: Python files whose ``get_config()`` returns an ``ml_collections.ConfigDict``.
 
-A config is named (``shapes``, ``flickr8k``, ``coco``: the files beside this
-one) or given as a path to such a file, and overridden from the command line
+A config is named (``shapes``, ``flickr8k``, ``coco``, ``tiny``: the files
+beside this one) or given as a path to such a file, and overridden from the command line
 with ``--config.KEY=VALUE`` (``--config.decoder.hidden_dim=256``). The config is
 the single source of every number a run uses.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ml_collections
 
-BUILT_IN = ("shapes", "flickr8k", "coco")
+BUILT_IN = ("shapes", "flickr8k", "coco", "tiny")
 
 
 class ConfigError(Exception):

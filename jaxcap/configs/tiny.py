@@ -1,4 +1,8 @@
-"""A tiny shapes run for tests: 32-pixel images, a ResNet-18 cut at stage 2, a small decoder."""
+"""A tiny shapes run: 32-pixel images, a ResNet-18 cut at stage 2, a small decoder.
+
+Checks that an installation (or a notebook, or a change) works end to end in
+about a minute on a CPU; the tests train it. It learns next to nothing.
+"""
 
 from jaxcap.configs import shapes
 
