@@ -110,8 +110,17 @@ def _add_train(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="shapes", help="built-in name or config file")
     parser.add_argument("--workdir", required=True, help="the run directory")
-    parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first (multi-host TPU pods)")
+    multi = parser.add_argument_group(
+        "several processes", "every process runs the same command; config.batch_size is the "
+        "global batch, split over all devices of all processes")
+    multi.add_argument("--distributed", action="store_true",
+                       help="join JAX's distributed runtime first (jax.distributed.initialize); "
+                            "without the options below the cluster is detected (Cloud TPU "
+                            "pod slices, SLURM, Open MPI)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="process 0's address, reachable from every process")
+    multi.add_argument("--num-processes", type=int, help="how many processes take part")
+    multi.add_argument("--process-id", type=int, help="this process's index, 0 to N-1")
     parser.set_defaults(module="jaxcap.train")
 
 

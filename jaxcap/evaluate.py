@@ -20,7 +20,7 @@ import sys
 
 import jax
 
-from jaxcap.data.pipeline import Batcher, record_text
+from jaxcap.data.pipeline import Batcher
 from jaxcap.decode import CaptionSearch, SearchOptions
 from jaxcap.extract import write_json_atomic
 from jaxcap.metrics import COCO_METRICS, caption_metrics, grounded_metrics, java_available
@@ -31,6 +31,7 @@ from jaxcap.train import (TrainingError, model_inputs, pipeline_options, prepare
 TABLE_ROWS = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"),
               ("meteor", "METEOR"), ("rougeL", "ROUGE-L"), ("cider", "CIDEr-D"),
               ("content_accuracy", "content accuracy"),
+              ("object_precision", "object precision"), ("object_recall", "object recall"),
               ("attention_correctness", "attention correctness"),
               ("attention_uniform", "  (uniform attention)"), ("images", "images")]
 
@@ -43,12 +44,6 @@ class DecodedSplit:
     scores: list[float]
     alphas: list  # per image (words, P): the attention each word was emitted under
     objects: list[list[dict]]  # per image; empty without grounding
-
-
-def _objects(record) -> list[dict]:
-    objects = record["objects"]
-    return [{"colour": record_text(c), "shape": record_text(s), "box": box}
-            for c, s, box in zip(objects["colour"], objects["shape"], objects["box"])]
 
 
 def decode_split(run: TrainedRun, split: str, options: SearchOptions,
@@ -86,7 +81,7 @@ def decode_split(run: TrainedRun, split: str, options: SearchOptions,
         image_ids=index.image_ids, references=index.captions,
         captions=[decoded[i][0] for i in order], scores=[decoded[i][1] for i in order],
         alphas=[decoded[i][2] for i in order],
-        objects=[_objects(source[i]) for i in order] if config.dataset.name == "shapes" else [])
+        objects=[index.objects[i] for i in order] if any(index.objects) else [])
 
 
 def score_split(decoded: DecodedSplit, metrics=COCO_METRICS, tokenizer: str = "auto") -> dict:

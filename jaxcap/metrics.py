@@ -155,10 +155,36 @@ def mentions(caption: str) -> list[tuple[list[int], str | None, str]]:
     return found
 
 
+def named_pairs(caption: str) -> collections.Counter:
+    """The (colour, shape) pairs a caption names, as a multiset ("two squares" names none)."""
+    return collections.Counter((c, s) for _, c, s in mentions(caption) if c is not None)
+
+
 def names_exactly(caption: str, objects: list[tuple[str, str]]) -> bool:
     """Whether the caption names exactly ``objects`` ((colour, shape) each), as a multiset."""
-    named = collections.Counter((c, s) for _, c, s in mentions(caption) if c is not None)
-    return bool(objects) and named == collections.Counter(objects)
+    return bool(objects) and named_pairs(caption) == collections.Counter(objects)
+
+
+def object_metrics(captions: list[str], objects: list[list[tuple[str, str]]]) -> dict:
+    """Which errors a captioner makes, over images (``objects``: each image's (colour, shape)s).
+
+    ``content_accuracy``: the share of images whose caption names exactly their
+    objects. ``object_precision``: the share of the named colour-shape pairs
+    that are in their image; ``object_recall``: the share of the images'
+    objects that their caption names (both as multisets, summed over images: a
+    caption naming a red circle twice where there is one gets one right of two).
+    """
+    named = correct = present = 0
+    exact = []
+    for caption, image in zip(captions, objects):
+        pairs, truth = named_pairs(caption), collections.Counter(image)
+        named += sum(pairs.values())
+        present += sum(truth.values())
+        correct += sum((pairs & truth).values())
+        exact.append(names_exactly(caption, image))
+    return {"content_accuracy": float(np.mean(exact)) if exact else 0.0,
+            "object_precision": correct / named if named else 0.0,
+            "object_recall": correct / present if present else 0.0}
 
 
 def box_coverage(boxes: np.ndarray, grid: int, supersample: int = 8) -> np.ndarray:
@@ -200,12 +226,11 @@ def attention_in_boxes(caption: str, alphas: np.ndarray,
 
 def grounded_metrics(captions: list[str], alphas: list[np.ndarray],
                      objects: list[list[dict]]) -> dict:
-    """``content_accuracy``, ``attention_correctness`` and ``attention_uniform`` over images."""
-    exact = [names_exactly(c, [(o["colour"], o["shape"]) for o in objs])
-             for c, objs in zip(captions, objects)]
+    """``object_metrics``, and ``attention_correctness`` beside ``attention_uniform``."""
     pairs = [pair for caption, alpha, objs in zip(captions, alphas, objects)
              for pair in attention_in_boxes(caption, alpha, objs)]
-    return {"content_accuracy": float(np.mean(exact)) if exact else 0.0,
+    named = [[(o["colour"], o["shape"]) for o in objs] for objs in objects]
+    return {**object_metrics(captions, named),
             "attention_correctness": float(np.mean([m for m, _ in pairs])) if pairs else 0.0,
             "attention_uniform": float(np.mean([u for _, u in pairs])) if pairs else 0.0,
             "grounded_words": len(pairs)}

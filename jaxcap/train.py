@@ -50,14 +50,14 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from jaxcap import __version__, configs
+from jaxcap import __version__, configs, distributed
 from jaxcap.convert import init_weights
 from jaxcap.data import builders, glove, shapes
 from jaxcap.data.pipeline import Batcher, FeatureStore, PipelineOptions, SplitIndex
 from jaxcap.data.text import PAD_ID, Vocabulary
 from jaxcap.decode import CaptionSearch, SearchOptions
 from jaxcap.extract import extract_entries, write_text_atomic
-from jaxcap.metrics import caption_metrics
+from jaxcap.metrics import caption_metrics, object_metrics
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import make_decoder
 from jaxcap.models.encoder import build_encoder, load_encoder, read_metadata
@@ -187,11 +187,23 @@ def _image_bytes(source, index: int) -> bytes:
     return source[index]["image"].tobytes()
 
 
+def _check_batch_sizes(config) -> None:
+    """Global batches, split evenly over every device of every process."""
+    devices = jax.device_count()
+    where = (f"{devices} devices ({jax.process_count()} processes x "
+             f"{jax.local_device_count()})" if jax.process_count() > 1 else
+             f"{devices} local devices")
+    for key, size in (("batch_size", config.batch_size),
+                      ("eval.batch_size", config.eval.batch_size)):
+        if size % devices:
+            raise TrainingError(f"{key} {size} is not a multiple of the {where}")
+
+
 def pipeline_options(config) -> tuple[PipelineOptions, PipelineOptions]:
     """Options of the training batches and of the evaluation batches (in order, all images)."""
     options = PipelineOptions(
         batch_size=config.batch_size, max_length=config.text.max_length, seed=config.seed,
-        captions=config.text.captions, drop_remainder=True,
+        captions=config.text.captions, drop_remainder=True,  # batch_size: the global batch
         length_multiple=config.text.length_multiple, bucket_window=config.text.bucket_window,
         image_size=config.encoder.image_size,
         resize=config.encoder.resize, num_threads=config.num_threads,
@@ -421,10 +433,16 @@ class Checkpoints:
 
     def __init__(self, workdir: Path, keep: int):
         self.workdir = workdir
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+
+        def processes(name):  # the two managers' barriers must not share names
+            return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               multiprocessing_options=processes("latest"))
         self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=options)
         best = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_mode="max",
-                                            best_fn=lambda metrics: metrics["bleu4"])
+                                            best_fn=lambda metrics: metrics["bleu4"],
+                                            multiprocessing_options=processes("best"))
         self.best = ocp.CheckpointManager(workdir / "best", options=best)
 
     @staticmethod
@@ -439,13 +457,28 @@ class Checkpoints:
             manager.wait_until_finished()
             manager.delete(step)
 
+    @staticmethod
+    def _check_processes(state: TrainState) -> None:
+        """Several processes save one state: first they check that they hold the same."""
+        if jax.process_count() == 1:
+            return
+        step = int(state.step)
+        try:
+            held = distributed.check_agreement(state, f"the state of step {step}")
+        except distributed.ProcessesDisagree as error:
+            raise TrainingError(f"{error}; not saved") from None
+        print(f"process {jax.process_index()}: the state of step {step} is {held[:16]} on all "
+              f"{jax.process_count()} processes", file=sys.stderr)
+
     def save(self, state: TrainState, progress: dict) -> None:
         step = int(state.step)
+        self._check_processes(state)
         self._replace(self.latest, step)
         self.latest.save(step, args=self._args(state, progress), force=True)
 
     def save_best(self, state: TrainState, progress: dict, bleu4: float) -> None:
         step = int(state.step)
+        self._check_processes(state)
         self._replace(self.best, step)
         self.best.save(step, args=self._args(state, progress), force=True,
                        metrics={"bleu4": bleu4})
@@ -479,12 +512,14 @@ class Checkpoints:
             except Exception as error:  # Orbax raises many kinds for a damaged checkpoint
                 if _is_access_error(error):
                     raise
-                target = aside / f"{step}-{int(time.time())}"
-                warnings.warn(f"checkpoint {step} in {self.latest.directory} is unreadable "
-                              f"({type(error).__name__}: {error}); moved to {target}, "
-                              "trying the previous one")
-                aside.mkdir(exist_ok=True)
-                shutil.move(str(Path(self.latest.directory) / str(step)), target)
+                if distributed.is_primary():  # every process failed alike; one moves it
+                    target = aside / f"{step}-{int(time.time())}"
+                    warnings.warn(f"checkpoint {step} in {self.latest.directory} is unreadable "
+                                  f"({type(error).__name__}: {error}); moved to {target}, "
+                                  "trying the previous one")
+                    aside.mkdir(exist_ok=True)
+                    shutil.move(str(Path(self.latest.directory) / str(step)), target)
+                distributed.sync(f"checkpoint {step} set aside")
                 self.latest.reload()
         if steps:
             raise self._none_readable(aside)
@@ -538,6 +573,10 @@ class MetricsLog:
 
     def __init__(self, workdir: Path, resume_step: int, evaluated_epochs: int):
         self.path = workdir / "metrics.jsonl"
+        self.writes = distributed.is_primary()  # one log for all processes
+        self.writer = None
+        if not self.writes:
+            return
         if self.path.exists():
             # What a stopped run logged after the checkpoint it resumes from is logged again;
             # those lines move to metrics.jsonl.before-resume-STEP, never deleted.
@@ -562,6 +601,8 @@ class MetricsLog:
         return record.get("epoch", 0) <= epochs if "val_loss" in record else record["step"] <= step
 
     def write(self, record: dict) -> None:
+        if not self.writes:
+            return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -615,10 +656,13 @@ class Progress:
 
 def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index: SplitIndex,
                    vocabulary, config, p_eval) -> dict:
-    """Validation loss (teacher forcing, on all devices) and greedy BLEU-1..4 over a split."""
+    """Validation loss (teacher forcing, on all devices) and greedy BLEU-1..4 over a split.
+
+    Each process decodes its share; the captions of all processes are gathered and
+    scored on each, so all of them take the same decisions from the result."""
     devices = jax.local_device_count()
     sums = None
-    hypotheses = {}
+    images, captions = [], []
     search = CaptionSearch(model, {"params": state.params, "batch_stats": state.batch_stats},
                            vocabulary, SearchOptions(max_length=config.eval.max_length),
                            max_batch=config.eval.batch_size)
@@ -626,13 +670,19 @@ def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index
         out = jax.device_get(flax.jax_utils.unreplicate(p_eval(replicated,
                                                                _shard(batch, devices))))
         sums = out if sums is None else jax.tree.map(np.add, sums, out)
-        texts = search(model_inputs(batch)).texts
-        for text, image, weight in zip(texts, batch["image_index"], batch["weights"]):
-            if weight:
-                hypotheses[int(image)] = text
+        captions.append(search(model_inputs(batch)).tokens)
+        images.append(np.where(batch["weights"] > 0, batch["image_index"], -1))
+    images = distributed.allgather(np.concatenate(images)).reshape(-1)
+    captions = distributed.allgather(np.concatenate(captions))
+    hypotheses = {int(image): vocabulary.decode(tokens) for image, tokens
+                  in zip(images, captions.reshape(len(images), -1)) if image >= 0}
     references = {i: index.captions[i] for i in hypotheses}
     # The Python tokenizer: BLEU as pycocoevalcap's scorer computes it, without starting Java.
     scores = caption_metrics(references, hypotheses, metrics=("bleu",), tokenizer="python")
+    if any(index.objects):  # a grounded dataset: which objects the captions name, right or not
+        scores.update(object_metrics(
+            list(hypotheses.values()),
+            [[(o["colour"], o["shape"]) for o in index.objects[i]] for i in hypotheses]))
     loss = sum(float(value) / max(float(sums["counts"][per]), 1.0)
                for per, terms in sums["terms"].items() for value in terms.values())
     return {"val_loss": loss, **scores, "examples": dict(list(hypotheses.items())[:3])}
@@ -641,22 +691,34 @@ def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Trains (or resumes) the run in ``workdir``; returns the last validation metrics."""
     workdir = Path(workdir).expanduser().absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_config(config, workdir)
-    if not (workdir / "config.json").exists():  # a new run: what it builds is known from now
-        _write_config(config, workdir)
-    log = functools.partial(print, file=sys.stderr)
+    primary = distributed.is_primary()
+    log = functools.partial(print, file=sys.stderr) if primary else lambda *_: None
+    _check_batch_sizes(config)
 
-    built = prepare_dataset(config)
+    def prepare():
+        """What the run reads, built where absent (idempotent and deterministic)."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        _check_config(config, workdir)
+        if not (workdir / "config.json").exists():  # a new run: what it builds is known now
+            _write_config(config, workdir)
+        built = prepare_dataset(config)
+        train_index = SplitIndex(built.as_data_source("train"))
+        vocabulary_path = workdir / "vocabulary.json"
+        if vocabulary_path.exists():
+            vocabulary = Vocabulary.load(vocabulary_path)
+        else:
+            vocabulary = Vocabulary.build((c for caps in train_index.captions for c in caps),
+                                          config.text.min_count)
+            vocabulary.save(vocabulary_path)
+        encoder_dir = _prepare_encoder(config, workdir)
+        features = ((prepare_features(config, built, encoder_dir, "train"),
+                     prepare_features(config, built, encoder_dir, "val"))
+                    if config.encoder.mode == "features" else (None, None))
+        return built, train_index, vocabulary, encoder_dir, features
+
+    built, train_index, vocabulary, encoder_dir, (train_features, val_features) = \
+        distributed.primary_first("prepared", prepare)
     sources = built.as_data_source()
-    train_index = SplitIndex(sources["train"])
-    vocabulary_path = workdir / "vocabulary.json"
-    if vocabulary_path.exists():
-        vocabulary = Vocabulary.load(vocabulary_path)
-    else:
-        vocabulary = Vocabulary.build((c for caps in train_index.captions for c in caps),
-                                      config.text.min_count)
-        vocabulary.save(vocabulary_path)
     embedding, coverage = glove.embedding_matrix(vocabulary, glove.load(config.glove.source),
                                                  seed=config.seed)
     if config.decoder.embed_dim != embedding.shape[1]:
@@ -664,27 +726,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                             f"vectors have {embedding.shape[1]} dimensions")
     log(f"vocabulary: {len(vocabulary)} tokens; {coverage.report()}")
 
-    encoder_dir = _prepare_encoder(config, workdir)
     encoder_metadata, encoder_variables = load_encoder(encoder_dir)
     model = make_model(config, len(vocabulary), encoder_metadata)
     devices = jax.local_device_count()
-    if config.batch_size % devices:
-        raise TrainingError(f"batch_size {config.batch_size} is not a multiple of the "
-                            f"{devices} local devices")
     options, eval_options = pipeline_options(config)
-    if config.encoder.mode == "features":
-        train_features = prepare_features(config, built, encoder_dir, "train")
-        val_features = prepare_features(config, built, encoder_dir, "val")
-        inputs_shape = train_features.shape
-    else:
-        train_features = val_features = None
-        inputs_shape = (config.encoder.image_size, config.encoder.image_size, 3)
+    inputs_shape = (train_features.shape if train_features is not None else
+                    (config.encoder.image_size, config.encoder.image_size, 3))
     train_batches = Batcher(sources["train"], vocabulary, options, train_features, train_index)
     val_batches = Batcher(sources["val"], vocabulary, eval_options, val_features)
     val_index = val_batches.index
-    if config.eval.batch_size % devices:
-        raise TrainingError(f"eval.batch_size {config.eval.batch_size} is not a multiple of "
-                            f"the {devices} local devices")
 
     steps_per_epoch = train_batches.num_batches()
     if steps_per_epoch == 0:
@@ -710,8 +760,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         progress = Progress(**saved_progress)
         log(f"resumed from step {int(state.step)} in {workdir}")
     start_step = int(state.step)
-    _write_config(config, workdir)
-    write_run_info(workdir, state.params)
+    if primary:
+        _write_config(config, workdir)
+        write_run_info(workdir, state.params)
     metrics_log = MetricsLog(workdir, start_step, progress.evaluated_epochs)
 
     p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx,
@@ -734,7 +785,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     last_val: dict = {}
     step = start_step
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, desc="train")
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, desc="train",
+               disable=not primary)
     interval = {"sums": None, "count": 0, "start": time.perf_counter()}
     try:
         while step < total_steps and not progress.stopped_early:
@@ -776,8 +828,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if "test" in sources and len(sources["test"]):
             best = checkpoints.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                                          host_state()))
-            test_features = (prepare_features(config, built, encoder_dir, "test")
-                             if config.encoder.mode == "features" else None)
+            test_features = (distributed.primary_first("test features", functools.partial(
+                prepare_features, config, built, encoder_dir, "test"))
+                if config.encoder.mode == "features" else None)
             test_batches = Batcher(sources["test"], vocabulary, eval_options, test_features)
             metrics = evaluate_split(flax.jax_utils.replicate(best), best, model, test_batches,
                                      test_batches.index, vocabulary, config, p_eval)
@@ -821,7 +874,9 @@ def _end_of_epoch(step, epoch, model, val_batches, val_index, vocabulary, config
 def main(args) -> int:
     """``jaxcap train``: see ``jaxcap.cli``."""
     if args.distributed:
-        jax.distributed.initialize()
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.coordinator or args.num_processes or args.process_id is not None:
+        raise TrainingError("--coordinator, --num-processes and --process-id need --distributed")
     config = configs.override(configs.load(args.config), args.overrides)
     metrics = train_and_evaluate(config, args.workdir)
     if metrics:

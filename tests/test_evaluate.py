@@ -23,15 +23,16 @@ def test_evaluate_reports_coco_and_grounded_metrics_and_writes_results(trained_r
                      "--no-meteor"]) == 0
     table = capsys.readouterr().out
     for label in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D", "content accuracy",
-                  "attention correctness"):
+                  "object precision", "object recall", "attention correctness"):
         assert label in table
     report = json.loads((trained_run / "eval_test.json").read_text())
     assert set(report["metrics"]) == {"test", "novel"} and report["search"]["beam_size"] == 2
     for split in ("test", "novel"):
         metrics = report["metrics"][split]
         assert metrics["images"] == 8
-        assert {"bleu1", "bleu4", "rougeL", "cider", "content_accuracy",
-                "attention_correctness"} <= set(metrics) and "meteor" not in metrics
+        assert {"bleu1", "bleu4", "rougeL", "cider", "content_accuracy", "object_precision",
+                "object_recall", "attention_correctness"} <= set(metrics)
+        assert "meteor" not in metrics
         results = json.loads((trained_run / f"captions_{split}.json").read_text())
         assert len(results) == 8 and set(results[0]) == {"image_id", "caption"}
     # The figures are those of the written captions against the dataset's references.

@@ -9,7 +9,8 @@ import pytest
 from jaxcap import metrics
 from jaxcap.data import shapes
 from jaxcap.metrics import (attention_in_boxes, box_coverage, caption_metrics, java_available,
-                            mentions, names_exactly, ptb_tokens, tokenize)
+                            mentions, names_exactly, object_metrics, ptb_tokens,
+                            tokenize)
 
 needs_java = pytest.mark.skipif(not java_available(),
                                 reason="pycocoevalcap's PTB tokenizer and METEOR run in Java")
@@ -140,6 +141,25 @@ def test_content_accuracy_needs_exactly_the_right_objects():
     assert not names_exactly("a red circle a blue square and a red circle", objects)
     assert not names_exactly("three shapes a star and two circles", objects)  # no colours
     assert names_exactly("a green diamond", [("green", "diamond")])
+
+
+def test_object_precision_and_recall_tell_wrong_objects_from_missing_ones():
+    images = [[("red", "circle"), ("blue", "star")],  # two objects
+              [("green", "square")],
+              [("red", "circle"), ("red", "circle")]]
+    captions = ["a red circle and a blue star",  # right: 2 named, 2 in the image
+                "a small green triangle",  # a wrong object: 1 named, 0 right, 1 missed
+                "a red circle"]  # one of two red circles: 1 right, 1 missed
+    scores = object_metrics(captions, images)
+    assert scores == {"content_accuracy": pytest.approx(1 / 3),
+                      "object_precision": pytest.approx(3 / 4),
+                      "object_recall": pytest.approx(3 / 5)}
+    # Naming an object twice counts once as right; shapes without a colour name no pair.
+    scores = object_metrics(["a red circle and a red circle", "two squares"],
+                            [[("red", "circle")], [("blue", "square"), ("red", "square")]])
+    assert scores["object_precision"] == pytest.approx(1 / 2)
+    assert scores["object_recall"] == pytest.approx(1 / 3)
+    assert scores["content_accuracy"] == 0.0
 
 
 def test_attention_mass_inside_the_named_box():

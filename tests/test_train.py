@@ -25,7 +25,7 @@ from jaxcap.runs import load_run
 from jaxcap.train import (init_state, learning_rate_schedule, make_optimizer,
                           train_step)
 
-TINY = str(Path(__file__).parent / "tiny_config.py")
+TINY = "tiny"  # jaxcap/configs/tiny.py
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +192,8 @@ def test_run_writes_a_self_describing_directory(uninterrupted):
     assert [s for s, _ in losses] == list(range(1, 19))  # 48 images / 8 = 6 steps x 3 epochs
     assert losses[-1][1] < losses[0][1]
     assert [e for e, _, _ in _evals(uninterrupted)] == [1, 2, 3]
+    for key in ("content_accuracy", "object_precision", "object_recall"):  # shapes is grounded
+        assert all(0 <= value <= 1 for _, value in _validation(uninterrupted, key)), key
     assert sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir()
                   if p.name.isdigit()) == [12, 16, 18]  # the last 3 of 4, 6, 8, 12, 16, 18
     assert [p.name for p in (uninterrupted / "best").iterdir() if p.name.isdigit()]

@@ -1,7 +1,8 @@
 """The input pipeline: grain over a TFDS data source, to fixed-shape host batches.
 
 One split of one dataset becomes, per epoch, a deterministic sequence of
-batches, each a dict of numpy arrays with a leading ``batch_size`` axis:
+batches, each a dict of numpy arrays with a leading batch axis (this process's
+share of ``batch_size``):
 
 * ``tokens`` (B, max_length) int32: ``<start> words <end> <pad>...``
 * ``weights`` (B,) float32: 1 for real examples, 0 for the padding that fills
@@ -12,9 +13,10 @@ batches, each a dict of numpy arrays with a leading ``batch_size`` axis:
   decoded with ``jaxcap.data.images`` (normalisation happens on the device).
 
 Order: a permutation drawn from (seed, epoch), so a run that restarts at epoch
-``e``, batch ``k`` sees exactly the batches it would have seen. Each JAX process
-takes every ``process_count``-th example of that order (multi-host), and all
-processes get the same number of batches. Captions: ``sample`` draws one
+``e``, batch ``k`` sees exactly the batches it would have seen. ``batch_size``
+is the global batch: with several JAX processes (multi-host) process ``p`` takes
+the ``p``-th contiguous slice of every global batch, so the global batches, and
+the examples each device sees, do not depend on how many processes share them. Captions: ``sample`` draws one
 caption per image per epoch (from seed, epoch and image); ``all`` makes every
 caption its own example.
 """
@@ -67,16 +69,22 @@ class FeatureStore:
 
 
 class SplitIndex:
-    """Image ids and captions of one split, read once (images are read per batch)."""
+    """Image ids, captions and annotated objects of one split, read once (images are
+    read per batch)."""
 
     def __init__(self, source):
         self.source = source
         self.image_ids: list[str] = []
         self.captions: list[list[str]] = []
+        self.objects: list[list[dict]] = []  # empty lists for datasets without grounding
         for i in range(len(source)):
             record = source[i]
             self.image_ids.append(record_text(record["image_id"]))
             self.captions.append([record_text(c) for c in record["captions"]])
+            objects = record["objects"]
+            self.objects.append([{"colour": record_text(c), "shape": record_text(s), "box": box}
+                                 for c, s, box in zip(objects["colour"], objects["shape"],
+                                                      objects["box"])])
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -104,12 +112,23 @@ class PipelineOptions:
     process_index: int = 0
     process_count: int = 1
 
+    def __post_init__(self):
+        if self.batch_size % self.process_count:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of the "
+                             f"{self.process_count} processes")
+
+    @property
+    def process_batch_size(self) -> int:
+        """This process's slice of each global batch."""
+        return self.batch_size // self.process_count
+
 
 class EpochExamples:
     """Random access to the (image, caption, padded length) examples of one epoch.
 
     A grain ``MapDataset`` source: ``__getitem__(k)`` is example ``k`` of this
-    process's shard, already padded to the process's share of whole batches.
+    process's shard, already padded to whole global batches (so every process
+    gets the same number of batches).
 
     Length bucketing (training, ``length_multiple > 0``): the shuffled order is
     cut into windows of ``bucket_window`` batches, each window is sorted by
@@ -132,8 +151,7 @@ class EpochExamples:
             picks = rng.random(len(index))
             pairs = [(i, int(p * len(caps))) for i, (p, caps) in enumerate(zip(picks, index.captions))]
         order = rng.permutation(len(pairs)) if options.shuffle else np.arange(len(pairs))
-        # Every process gets the same number of whole batches.
-        per_batch = options.batch_size * options.process_count
+        per_batch = options.batch_size
         whole = len(pairs) // per_batch if options.drop_remainder else -(-len(pairs) // per_batch)
         ordered = [pairs[order[p]] if p < len(pairs) else PADDING
                    for p in range(whole * per_batch)]
@@ -150,7 +168,10 @@ class EpochExamples:
                 padded = min(options.max_length, -(-longest // options.length_multiple)
                              * options.length_multiple)
                 sized += [(*pair, padded) for pair in groups[g]]
-        self.pairs = sized[options.process_index::options.process_count]
+        share = options.process_batch_size
+        first = options.process_index * share
+        self.pairs = [pair for start in range(0, len(sized), per_batch)
+                      for pair in sized[start + first:start + first + share]]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -178,7 +199,7 @@ class Batcher:
         return EpochExamples(self.index, self.lengths, self.options, epoch)
 
     def num_batches(self, epoch: int = 0) -> int:
-        return len(self._examples(epoch)) // self.options.batch_size
+        return len(self._examples(epoch)) // self.options.process_batch_size
 
     def _example(self, entry):
         image, caption, length = entry
@@ -209,7 +230,7 @@ class Batcher:
         examples = self._examples(epoch)
         dataset = (grain.MapDataset.source(examples)
                    .map(self._example)
-                   .batch(self.options.batch_size, batch_fn=self._stack))
+                   .batch(self.options.process_batch_size, batch_fn=self._stack))
         dataset = dataset[start_batch:]
         read = grain.ReadOptions(num_threads=self.options.num_threads,
                                  prefetch_buffer_size=self.options.prefetch)

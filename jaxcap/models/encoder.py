@@ -53,6 +53,14 @@ def abstract_variables(metadata: dict) -> dict:
     return jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), images)
 
 
+def _this_process_checkpointer() -> ocp.StandardCheckpointer:
+    """Encoder weights are one process's files: in a multi-process run one process
+    writes them (and each reads them) without waiting for the others."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
+
 def save_encoder(out_dir: str | os.PathLike, variables: dict, metadata: dict) -> Path:
     """Writes ``variables`` and ``metadata`` to ``out_dir`` all at once or not at all."""
     if metadata["preprocessing"] not in STYLES:
@@ -64,7 +72,7 @@ def save_encoder(out_dir: str | os.PathLike, variables: dict, metadata: dict) ->
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        checkpointer = ocp.StandardCheckpointer()
+        checkpointer = _this_process_checkpointer()
         checkpointer.save(staging / VARIABLES_DIR, variables)
         checkpointer.wait_until_finished()
         checkpointer.close()
@@ -98,7 +106,7 @@ def load_encoder(weights_dir: str | os.PathLike) -> tuple[dict, dict]:
     """Returns ``(metadata, variables)`` of a directory written by ``save_encoder``."""
     weights_dir = Path(weights_dir).absolute()
     metadata = read_metadata(weights_dir)
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _this_process_checkpointer()
     variables = checkpointer.restore(weights_dir / VARIABLES_DIR, abstract_variables(metadata))
     checkpointer.close()
     return metadata, variables

@@ -1,5 +1,7 @@
 """The grain pipeline: fixed shapes, padding with weights, order, shards, features."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -71,12 +73,31 @@ def test_all_captions_mode_and_drop_remainder(sources, vocabulary):
 
 def test_process_shards_are_disjoint_and_equal_in_length(sources, vocabulary):
     shards = [_all(Batcher(sources["val"], vocabulary, PipelineOptions(
-        batch_size=2, max_length=12, image_size=32, process_index=p, process_count=2)))
+        batch_size=4, max_length=12, image_size=32, process_index=p, process_count=2)))
         for p in range(2)]
     assert len(shards[0]) == len(shards[1])
+    assert all(len(b["weights"]) == 2 for s in shards for b in s)
     seen = [set(np.concatenate([b["image_index"][b["weights"] > 0] for b in s]).tolist())
             for s in shards]
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(5))
+
+
+@pytest.mark.parametrize("length_multiple", [0, 4])
+def test_processes_split_the_same_global_batches(sources, vocabulary, length_multiple):
+    """Two processes' batch k, put together in process order, is the one process's batch k:
+    the global batch (and what each device sees) does not depend on the process count."""
+    options = PipelineOptions(batch_size=4, max_length=18, image_size=32, captions="all",
+                              drop_remainder=True, length_multiple=length_multiple)
+    whole = _all(Batcher(sources["train"], vocabulary, options), 1)
+    shards = [_all(Batcher(sources["train"], vocabulary, dataclasses.replace(
+        options, process_index=p, process_count=2)), 1) for p in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(whole)
+    for k, batch in enumerate(whole):
+        for key in batch:
+            np.testing.assert_array_equal(
+                np.concatenate([shards[0][k][key], shards[1][k][key]]), batch[key])
+    with pytest.raises(ValueError, match="batch_size 3 is not a multiple of the 2 processes"):
+        PipelineOptions(batch_size=3, max_length=18, process_count=2)
 
 
 def test_features_are_joined_by_image_id(tmp_path, sources, vocabulary):
@@ -121,6 +142,6 @@ def test_length_bucketing_pads_each_batch_to_its_longest_caption(sources, vocabu
                             for i, t in zip(b["image_index"], b["tokens"]))
     assert key(batches) == key(plain_batches)  # the same examples, grouped by length
     shards = [_all(Batcher(sources["train"], vocabulary, PipelineOptions(
-        batch_size=2, max_length=18, image_size=32, captions="all", drop_remainder=True,
+        batch_size=4, max_length=18, image_size=32, captions="all", drop_remainder=True,
         length_multiple=4, process_index=p, process_count=2))) for p in range(2)]
     assert [b["tokens"].shape for b in shards[0]] == [b["tokens"].shape for b in shards[1]]
