@@ -46,17 +46,20 @@ def jaxcap_run(batch_size: int, dtype=np.float32):
     return (lambda: step(images).block_until_ready()), flops / batch_size
 
 
-def torch_run(batch_size: int, bfloat16: bool = False):
+def torch_run(batch_size: int, bfloat16: bool = False, device: str = "cpu"):
     import torch
 
     from benchmarks.torch_peers import resnet
 
-    model = resnet(50).eval().to(memory_format=torch.channels_last)
-    images = torch.randn(batch_size, 3, SIZE, SIZE).to(memory_format=torch.channels_last)
+    model = resnet(50).eval().to(device, memory_format=torch.channels_last)
+    images = torch.randn(batch_size, 3, SIZE, SIZE, device=device).to(
+        memory_format=torch.channels_last)
 
     def run():
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bfloat16):
+        with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=bfloat16):
             model(images)
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     return run
 

@@ -193,14 +193,15 @@ def batched_beam_search(decoder: TutorialDecoder, features, k: int, max_length: 
     h = decoder.init_h(mean).repeat_interleave(k, 0)  # (N*k, H)
     c = decoder.init_c(mean).repeat_interleave(k, 0)
     vocab = decoder.fc.out_features
-    tokens = torch.full((n, k, max_length), pad_id, dtype=torch.long)
+    on = dict(device=features.device)  # wherever the features are (CPU or a GPU)
+    tokens = torch.full((n, k, max_length), pad_id, dtype=torch.long, **on)
     tokens[:, :, 0] = start_id
-    scores = torch.full((n, k), -float("inf"))
+    scores = torch.full((n, k), -float("inf"), **on)
     scores[:, 0] = 0.0
-    done = torch.zeros(n, k, dtype=torch.bool)
-    pad_only = torch.full((vocab,), -float("inf"))
+    done = torch.zeros(n, k, dtype=torch.bool, **on)
+    pad_only = torch.full((vocab,), -float("inf"), **on)
     pad_only[pad_id] = 0.0
-    rows = torch.arange(n)[:, None]
+    rows = torch.arange(n, **on)[:, None]
     for t in range(1, max_length):
         query = decoder.decoder_att(h).view(n, k, 1, -1)
         att = decoder.full_att(torch.relu(projected[:, None] + query)).squeeze(-1)  # (N, k, P)
@@ -224,4 +225,4 @@ def batched_beam_search(decoder: TutorialDecoder, features, k: int, max_length: 
             break
     ranked = torch.where(done | ~done.any(dim=1, keepdim=True), scores,
                          torch.full_like(scores, -float("inf")))
-    return tokens[torch.arange(n), ranked.argmax(dim=1)]
+    return tokens[torch.arange(n, **on), ranked.argmax(dim=1)]

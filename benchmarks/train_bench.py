@@ -48,18 +48,18 @@ from jaxcap.train import (init_state, learning_rate_schedule, make_model,  # noq
 BATCH, VOCAB, MAX_LENGTH, GRID, FEATURES = 32, 3000, 22, 7, 2048
 
 
-def batches(count: int, seed: int = 0) -> list[dict]:
+def batches(count: int, seed: int = 0, batch: int = BATCH) -> list[dict]:
     """``count`` batches of captions in the order they come (what PyTorch consumes)."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
-        lengths = rng.integers(8, MAX_LENGTH + 1, BATCH)  # <start> ... <end>
-        tokens = rng.integers(4, VOCAB, (BATCH, MAX_LENGTH)).astype(np.int32)
+        lengths = rng.integers(8, MAX_LENGTH + 1, batch)  # <start> ... <end>
+        tokens = rng.integers(4, VOCAB, (batch, MAX_LENGTH)).astype(np.int32)
         tokens[:, 0] = 1
-        tokens[np.arange(BATCH), lengths - 1] = 2
+        tokens[np.arange(batch), lengths - 1] = 2
         tokens[np.arange(MAX_LENGTH)[None, :] >= lengths[:, None]] = 0
-        out.append({"features": rng.standard_normal((BATCH, GRID, GRID, FEATURES), np.float32),
-                    "tokens": tokens, "weights": np.ones(BATCH, np.float32),
+        out.append({"features": rng.standard_normal((batch, GRID, GRID, FEATURES), np.float32),
+                    "tokens": tokens, "weights": np.ones(batch, np.float32),
                     "lengths": lengths})
     return out
 
@@ -68,7 +68,7 @@ class _Pool:
     """The benchmark's captions seen as a split: one caption per 'image'."""
 
     def __init__(self, data: list[dict]):
-        self.captions = [[None] for b in data for _ in range(BATCH)]
+        self.captions = [[None] for b in data for _ in b["lengths"]]
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -79,15 +79,16 @@ def bucketed(data: list[dict]) -> list[dict]:
     (``text.length_multiple`` of the flickr8k config: sorted within windows,
     each batch padded to its longest caption rounded up to a multiple of 4)."""
     config = configs.load("flickr8k")
-    options = PipelineOptions(batch_size=BATCH, max_length=MAX_LENGTH, shuffle=False,
+    batch = len(data[0]["lengths"])
+    options = PipelineOptions(batch_size=batch, max_length=MAX_LENGTH, shuffle=False,
                               drop_remainder=True, length_multiple=config.text.length_multiple,
                               bucket_window=config.text.bucket_window)
     flat = {k: np.concatenate([b[k] for b in data]) for k in data[0]}
     lengths = [[int(n)] for n in flat["lengths"]]
     entries = EpochExamples(_Pool(data), lengths, options, epoch=0).pairs
     out = []
-    for start in range(0, len(entries), BATCH):
-        group = entries[start:start + BATCH]
+    for start in range(0, len(entries), batch):
+        group = entries[start:start + batch]
         rows = np.asarray([image for image, _, _ in group])
         width = group[0][2]
         out.append({"features": flat["features"][rows], "tokens": flat["tokens"][rows, :width],
@@ -153,15 +154,16 @@ def train_flops_per_caption(steps: float = MAX_LENGTH - 1) -> float:
     return 2 * (2 * once + 3 * steps * per_step)
 
 
-def torch_run(data: list[dict], hoist: bool):
+def torch_run(data: list[dict], hoist: bool, device: str = "cpu"):
     import torch
 
     from benchmarks.torch_peers import TutorialDecoder, tutorial_loss
 
     torch.manual_seed(0)
-    model = TutorialDecoder(VOCAB, hoist=hoist).train()
+    model = TutorialDecoder(VOCAB, hoist=hoist).train().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=4e-4)
-    tensors = [(torch.from_numpy(b["features"]), torch.from_numpy(b["tokens"]).long(),
+    tensors = [(torch.from_numpy(b["features"]).to(device),
+                torch.from_numpy(b["tokens"]).long().to(device),
                 torch.from_numpy(b["lengths"])) for b in data]
 
     def run():
@@ -172,6 +174,8 @@ def torch_run(data: list[dict], hoist: bool):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     return run
 
