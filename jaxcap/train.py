@@ -66,8 +66,8 @@ from jaxcap.models.resnet import output_channels
 # Config sections that define the model and its data: a resumed run must not change them.
 MODEL_KEYS = ("decoder", "encoder.weights", "encoder.init_depth", "encoder.init_variant",
               "encoder.stage", "encoder.grid", "encoder.image_size", "encoder.resize",
-              "encoder.mode", "encoder.finetune", "text", "glove", "dataset.name",
-              "dataset.shapes", "seed")
+              "encoder.mode", "encoder.finetune", "encoder.batchnorm", "text", "glove",
+              "dataset.name", "dataset.shapes", "seed")
 
 
 class TrainingError(Exception):
@@ -223,14 +223,23 @@ def make_model(config, vocab_size: int, encoder_metadata: dict) -> Captioner:
     except ValueError as error:
         raise TrainingError(f"{error} (in the config's decoder section)") from None
     encoder = None
+    train_batchnorm = config.encoder.batchnorm == "batch"
+    if config.encoder.batchnorm not in ("frozen", "batch"):
+        raise TrainingError(f"encoder.batchnorm must be frozen or batch, "
+                            f"got {config.encoder.batchnorm!r}")
     if config.encoder.mode == "end_to_end":
+        if train_batchnorm and not config.encoder.finetune:
+            raise TrainingError("encoder.batchnorm=batch trains the encoder's normalisation: "
+                                "it needs encoder.finetune=true")
         encoder = build_encoder(encoder_metadata, stage=config.encoder.stage,
-                                grid=config.encoder.grid or None, dtype=dtype)
+                                grid=config.encoder.grid or None, dtype=dtype,
+                                batchnorm_axis="batch" if train_batchnorm else None)
     elif config.encoder.mode != "features":
         raise TrainingError(f"encoder.mode must be features or end_to_end, "
                             f"got {config.encoder.mode!r}")
     return Captioner(decoder, encoder, encoder_metadata["preprocessing"],
-                     finetune_encoder=config.encoder.finetune)
+                     finetune_encoder=config.encoder.finetune,
+                     train_batchnorm=train_batchnorm and encoder is not None)
 
 
 def learning_rate_schedule(config, total_steps: int):
@@ -318,7 +327,7 @@ def loss_terms(model: Captioner, variables, batch, label_smoothing: float, train
 
     rngs = {} if rng is None else {"dropout": rng, "sample": jax.random.fold_in(rng, 1)}
     counts = {"token": jnp.sum(mask), "example": jnp.sum(weights)}
-    if train and "decoder" in variables.get("batch_stats", {}):
+    if train and ("decoder" in variables.get("batch_stats", {}) or model.train_batchnorm):
         terms, updated = model.apply(variables, method=forward, rngs=rngs,
                                      mutable=["batch_stats"])
         return terms, counts, updated["batch_stats"]
@@ -355,11 +364,12 @@ def train_step(state: TrainState, batch, base_rng, *, model, tx, label_smoothing
                               opt_state=opt_state)
         if batch_stats is None:
             return state
-        # A variant's own state (a moving average) is kept equal on every device.
-        decoder_stats = batch_stats["decoder"]
-        if several:
-            decoder_stats = jax.lax.pmean(decoder_stats, "batch")
-        return state.replace(batch_stats={**state.batch_stats, "decoder": decoder_stats})
+        # A variant's own state (a moving average) is kept equal on every device; the
+        # encoder's BatchNorm statistics are equal already (computed over all devices).
+        updated = dict(batch_stats)
+        if several and "decoder" in updated:
+            updated["decoder"] = jax.lax.pmean(updated["decoder"], "batch")
+        return state.replace(batch_stats={**state.batch_stats, **updated})
 
     # A branch, not a select of new and old state: the select is one more pass over
     # the parameters and both Adam moments, nearly as slow as Adam itself.

@@ -1,6 +1,7 @@
 """Training: pmap equals one device, exact resume after SIGKILL, fallback, mismatch, NaN."""
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
@@ -21,6 +23,7 @@ from PIL import Image
 from jaxcap import __version__, cli, configs, train
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import VARIANTS, SoftAttentionDecoder, make_decoder
+from jaxcap.models.encoder import build_encoder
 from jaxcap.runs import load_run
 from jaxcap.train import (init_state, learning_rate_schedule, make_optimizer,
                           train_step)
@@ -92,6 +95,41 @@ def test_pmap_step_on_four_devices_equals_one_device_on_the_whole_batch(rng):
                            state.params["decoder"]["output"]["kernel"])
 
 
+@pytest.mark.parametrize("batchnorm", ["frozen", "batch"])
+def test_an_encoder_in_the_graph_trains_its_batchnorm_over_all_devices(rng, batchnorm):
+    """``encoder.batchnorm=batch`` normalises by the statistics of the whole batch, over
+    every device, and moves the running ones: 4 devices give the update of 1 device.
+    ``frozen`` (pretrained weights) leaves them where they are."""
+    config = configs.load(TINY)
+    config.encoder.update(batchnorm=batchnorm, stage=1, image_size=16)
+    config.decoder.dropout = 0.0  # with dropout each device draws its own masks
+    metadata = dict(architecture="resnet", depth=18, variant="v1.5", preprocessing="torch")
+    model = train.make_model(config, 30, metadata)
+    assert model.train_batchnorm == (batchnorm == "batch")
+    tx = optax.sgd(0.1)  # Adam's first step is about ±lr for any gradient, however small
+    embedding = rng.normal(size=(30, 50)).astype(np.float32)
+    encoder = jax.jit(build_encoder(metadata, stage=1).init)(jax.random.PRNGKey(1),
+                                                             np.zeros((1, 16, 16, 3)))
+    state = init_state(model, config, (16, 16, 3), embedding, encoder, tx)
+    tokens = rng.integers(3, 30, (8, config.text.max_length)).astype(np.int32)
+    batch = {"image": rng.integers(0, 256, (8, 16, 16, 3)).astype(np.uint8), "tokens": tokens,
+             "weights": np.ones(8, np.float32)}
+    step = functools.partial(train_step, model=model, tx=tx, label_smoothing=0.0)
+    key, devices = jax.random.PRNGKey(0), jax.local_devices()
+    four = jax.pmap(step, axis_name="batch")(
+        flax.jax_utils.replicate(state), jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]),
+                                                      batch), flax.jax_utils.replicate(key))[0]
+    one = jax.pmap(step, axis_name="batch", devices=devices[:1])(
+        flax.jax_utils.replicate(state, devices[:1]), jax.tree.map(lambda x: x[None], batch),
+        flax.jax_utils.replicate(key, devices[:1]))[0]
+    for name in ("params", "batch_stats"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-6),
+                     getattr(four, name), getattr(one, name))
+    before = state.batch_stats["encoder"]["stem_bn"]["mean"]
+    after = four.batch_stats["encoder"]["stem_bn"]["mean"][0]
+    assert np.array_equal(after, before) == (batchnorm == "frozen")
+
+
 def test_with_dropout_each_device_draws_its_own_stream(rng):
     """What the README says of dropout on several devices: device d draws its masks from
     the step's key folded with d, so 4 devices give the update of one device running the
@@ -153,9 +191,11 @@ def test_plateau_cuts_the_rate_and_patience_stops_the_run(scores, scales, stops_
 
 
 def test_a_run_that_stops_improving_cuts_its_rate_and_stops_early(tmp_path, data_dir):
-    """With the learning rate at 0 val BLEU-4 never improves after epoch 1."""
+    """With the learning rate at 0 and BatchNorm's statistics frozen the model never
+    changes, so val BLEU-4 never improves after epoch 1."""
     workdir = tmp_path / "flat"
     args = _train_args(workdir, data_dir, "--config.learning_rate=0", "--config.num_epochs=6",
+                       "--config.encoder.batchnorm=frozen",
                        "--config.plateau_patience=1", "--config.early_stopping_patience=2")
     assert cli.main(args) == 0
     assert [(e, r) for e, r in _validation(workdir, "lr_scale")] == [(1, 1.0), (2, 0.5), (3, 0.25)]

@@ -49,7 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.encoder.image_size = 224
     c.encoder.resize = "direct"
     c.encoder.mode = "features"  # features: cached by 'extract'; end_to_end: ResNet in the graph
-    c.encoder.finetune = False  # end_to_end only; BatchNorm statistics stay frozen
+    c.encoder.finetune = False  # end_to_end only
+    # end_to_end and finetune: BatchNorm statistics stay frozen (pretrained weights' ImageNet
+    # statistics), or training normalises by the batch's and updates the running ones ("batch").
+    c.encoder.batchnorm = "frozen"
     c.encoder.features_dir = ""  # empty: under dataset.data_dir/jaxcap_features
     c.encoder.extract_batch_size = 32
 

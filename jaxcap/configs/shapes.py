@@ -28,6 +28,9 @@ def get_config():
     c.encoder.image_size = 64
     c.encoder.mode = "end_to_end"
     c.encoder.finetune = True
+    # From scratch, BatchNorm must normalise by the batch: frozen at their initial mean 0 and
+    # variance 1, its statistics normalised nothing (experiments/README.md has the effect).
+    c.encoder.batchnorm = "batch"
     c.decoder.hidden_dim = 256
     c.decoder.attention_dim = 256
     c.num_epochs = 10

@@ -2,9 +2,12 @@
 
 In ``features`` mode the inputs are cached feature grids and the encoder is
 absent. In ``end_to_end`` mode the inputs are uint8 images, normalised as the
-encoder's weights expect, run through the ResNet with its BatchNorm statistics
-frozen, and either fine-tuned or held fixed (``stop_gradient``, so no backward
-pass is spent on it).
+encoder's weights expect, run through the ResNet, and either fine-tuned or held
+fixed (``stop_gradient``, so no backward pass is spent on it). Its BatchNorm
+statistics stay frozen (pretrained weights: their ImageNet statistics), or,
+with ``train_batchnorm``, training normalises by the batch's statistics and
+updates the running ones (an encoder learning from scratch: frozen at their
+initial mean 0 and variance 1 they would normalise nothing).
 
 The methods are the decoder protocol's (``jaxcap.models.decoders.base``) with
 images or features in place of the encoder's grid.
@@ -25,15 +28,17 @@ class Captioner(nn.Module):
     encoder: ResNet | None = None
     preprocessing: str = "torch"
     finetune_encoder: bool = False
+    train_batchnorm: bool = False
 
-    def features(self, inputs):
+    def features(self, inputs, train: bool = False):
         if self.encoder is None:
             return inputs
-        features = self.encoder(normalize(inputs, self.preprocessing), train=False)
+        features = self.encoder(normalize(inputs, self.preprocessing),
+                                train=train and self.train_batchnorm)
         return features if self.finetune_encoder else jax.lax.stop_gradient(features)
 
     def __call__(self, inputs, tokens, train: bool = False) -> dict:
-        return self.decoder(self.features(inputs), tokens, train)
+        return self.decoder(self.features(inputs, train), tokens, train)
 
     def start(self, inputs, max_length: int):
         return self.decoder.start(self.features(inputs), max_length)

@@ -36,14 +36,16 @@ class WeightsError(Exception):
 
 
 def build_encoder(metadata: dict, stage: int = 4, grid: int | None = None,
-                  dtype: Any = jnp.float32):
-    """The Flax module that the metadata describes, cut at ``stage``."""
+                  dtype: Any = jnp.float32, batchnorm_axis: str | None = None):
+    """The Flax module that the metadata describes, cut at ``stage`` (``batchnorm_axis``:
+    see ``ResNet``)."""
     architecture = metadata["architecture"]
     if architecture not in ENCODERS:
         raise WeightsError(f"unknown encoder architecture {architecture!r}; "
                            f"known: {sorted(ENCODERS)}")
     return ENCODERS[architecture](depth=metadata["depth"], variant=metadata["variant"],
-                                  stage=stage, grid=grid, dtype=dtype)
+                                  stage=stage, grid=grid, dtype=dtype,
+                                  batchnorm_axis=batchnorm_axis)
 
 
 def abstract_variables(metadata: dict) -> dict:

@@ -104,14 +104,17 @@ def pointwise_conv(lhs, rhs, window_strides, padding, precision=None, **unused):
 
 
 def _conv_bn(x, name: str, bn_name: str, features: int, kernel: int, strides: int,
-             spec: VariantSpec, dtype, train: bool, relu: bool = True):
-    """Conv then BatchNorm; must be called inside a compact method (it binds there)."""
+             spec: VariantSpec, dtype, train: bool, axis_name: str | None, relu: bool = True):
+    """Conv then BatchNorm; must be called inside a compact method (it binds there).
+
+    ``train``: normalise by the batch's statistics (over every device along
+    ``axis_name``) and update the running ones; else use the running ones."""
     pad = kernel // 2
     conv = pointwise_conv if kernel == 1 else mixed_precision.conv_general_dilated
     x = nn.Conv(features, (kernel, kernel), (strides, strides),
                 padding=((pad, pad), (pad, pad)), use_bias=spec.conv_bias, dtype=dtype,
                 conv_general_dilated=conv, name=name)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=axis_name,
                      epsilon=spec.bn_epsilon, dtype=dtype, name=bn_name)(x)
     return nn.relu(x) if relu else x
 
@@ -125,10 +128,11 @@ class Block(nn.Module):
     bottleneck: bool
     spec: VariantSpec
     dtype: Any = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool):
-        common = dict(spec=self.spec, dtype=self.dtype, train=train)
+        common = dict(spec=self.spec, dtype=self.dtype, train=train, axis_name=self.axis_name)
         if self.bottleneck:
             first, second = ((self.strides, 1) if self.spec.stride_on_first_conv
                              else (1, self.strides))
@@ -160,6 +164,9 @@ class ResNet(nn.Module):
     stage: int = 4
     grid: int | None = None
     dtype: Any = jnp.float32
+    # Training with batch statistics under pmap: the axis they are computed over (so that
+    # BatchNorm sees the whole batch, whatever the device count).
+    batchnorm_axis: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -174,12 +181,12 @@ class ResNet(nn.Module):
 
         x = x.astype(self.dtype)
         x = _conv_bn(x, "stem_conv", "stem_bn", 64, 7, 2, spec=spec, dtype=self.dtype,
-                     train=train)
+                     train=train, axis_name=self.batchnorm_axis)
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for stage_index, (blocks, width) in enumerate(zip(sizes[:self.stage], STAGE_WIDTHS)):
             for block_index in range(blocks):
                 strides = 2 if stage_index > 0 and block_index == 0 else 1
-                x = Block(width, strides, bottleneck, spec, self.dtype,
+                x = Block(width, strides, bottleneck, spec, self.dtype, self.batchnorm_axis,
                           name=f"stage{stage_index + 1}_block{block_index + 1}")(x, train)
         if self.grid is not None:
             x = adaptive_avg_pool(x, self.grid)
