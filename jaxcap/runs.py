@@ -19,8 +19,8 @@ import numpy as np
 from jaxcap.data.text import Vocabulary
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.encoder import load_encoder
-from jaxcap.train import (Checkpoints, TrainingError, init_state, learning_rate_schedule,
-                          make_model, make_optimizer)
+from jaxcap.train import (Checkpoints, TrainingError, assign, init_state, learning_rate_schedule,
+                          make_model, make_optimizer, settings_as_started)
 
 
 @dataclasses.dataclass
@@ -43,7 +43,10 @@ def read_run(workdir) -> tuple[Path, ml_collections.ConfigDict, Vocabulary]:
     """``(absolute workdir, config, vocabulary)`` of a run directory."""
     workdir = Path(workdir).expanduser().absolute()
     try:
-        config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+        saved = json.loads((workdir / "config.json").read_text())
+        for key, value in settings_as_started(saved).items():
+            assign(saved, key, value)
+        config = ml_collections.ConfigDict(saved)
         vocabulary = Vocabulary.load(workdir / "vocabulary.json")
     except FileNotFoundError as error:
         raise TrainingError(f"{workdir} is not a jaxcap run directory ({error.filename} is "

@@ -94,6 +94,34 @@ def _lookup(config, dotted: str):
     return node
 
 
+# Settings added to jaxcap since runs began, with the value a run started before them had:
+# a resumed or loaded run keeps computing as it was trained.
+AS_BEFORE = {"encoder.batchnorm": "frozen"}
+
+
+def settings_as_started(saved: dict) -> dict:
+    """``{dotted key: value}`` of the ``AS_BEFORE`` settings a run's saved config predates."""
+    return {key: value for key, value in AS_BEFORE.items()
+            if _lookup(saved, key) is None and _lookup(saved, key.rsplit(".", 1)[0]) is not None}
+
+
+def assign(tree, dotted: str, value) -> None:
+    """``tree[a][b] = value`` for ``dotted`` "a.b" (a dict or a ConfigDict)."""
+    *sections, name = dotted.split(".")
+    for section in sections:
+        tree = tree[section]
+    tree[name] = value
+
+
+def _as_started(config: ml_collections.ConfigDict, workdir: Path, log) -> None:
+    path = workdir / "config.json"
+    if path.exists():
+        for key, value in settings_as_started(json.loads(path.read_text())).items():
+            log(f"{key}: {value!r}, as the run was started (its config.json predates the "
+                f"setting)")
+            assign(config, key, value)
+
+
 def _known_to(saved, current):
     """``current`` cut to the keys ``saved`` has: a setting added to jaxcap after a run
     was started takes its default there, so it does not stop that run from resuming."""
@@ -708,6 +736,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     def prepare():
         """What the run reads, built where absent (idempotent and deterministic)."""
         workdir.mkdir(parents=True, exist_ok=True)
+        _as_started(config, workdir, log)
         _check_config(config, workdir)
         if not (workdir / "config.json").exists():  # a new run: what it builds is known now
             _write_config(config, workdir)

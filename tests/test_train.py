@@ -372,16 +372,25 @@ def test_changed_model_config_on_resume_is_a_clear_error(tmp_path, data_dir, cap
 
 def test_a_run_written_before_the_decoder_variants_resumes_and_loads(tmp_path, data_dir,
                                                                      four_steps, capsys):
-    """Its config.json has no per-variant sections: the new settings take their defaults."""
+    """Its config.json has no per-variant sections and no encoder.batchnorm: the new
+    settings take their defaults, except where the run trained otherwise before them (its
+    encoder's BatchNorm statistics were frozen, and stay so)."""
     workdir = _copy(four_steps, tmp_path, "older")
     config = json.loads((workdir / "config.json").read_text())
     for name in VARIANTS:
         del config["decoder"][name]
+    del config["encoder"]["batchnorm"]
     (workdir / "config.json").write_text(json.dumps(config))
     run = load_run(workdir)
     assert isinstance(run.model.decoder, SoftAttentionDecoder) and run.model.decoder.fast_path
     assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=5")) == 0
     assert [step for step, _ in _losses(workdir)] == [1, 2, 3, 4, 5]
+    assert "encoder.batchnorm: 'frozen', as the run was started" in capsys.readouterr().err
+    assert json.loads((workdir / "config.json").read_text())["encoder"]["batchnorm"] == "frozen"
+    with ocp.StandardCheckpointer() as checkpointer:
+        stats = [checkpointer.restore(workdir / "checkpoints" / str(step) / "state")[
+            "batch_stats"]["encoder"]["stem_bn"]["mean"] for step in (4, 5)]
+    np.testing.assert_array_equal(stats[0], stats[1])
     assert cli.main(_train_args(workdir, data_dir, "--config.decoder.variant=updown")) == 2
     assert "decoder" in capsys.readouterr().err
 
