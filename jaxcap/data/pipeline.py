@@ -16,9 +16,9 @@ Order: a permutation drawn from (seed, epoch), so a run that restarts at epoch
 ``e``, batch ``k`` sees exactly the batches it would have seen. ``batch_size``
 is the global batch: with several JAX processes (multi-host) process ``p`` takes
 the ``p``-th contiguous slice of every global batch, so the global batches, and
-the examples each device sees, do not depend on how many processes share them. Captions: ``sample`` draws one
-caption per image per epoch (from seed, epoch and image); ``all`` makes every
-caption its own example.
+the examples each device sees, do not depend on how many processes share them.
+Captions: ``sample`` draws one caption per image per epoch (from seed, epoch and
+image); ``all`` makes every caption its own example.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class EpochExamples:
             picks = rng.random(len(index))
             pairs = [(i, int(p * len(caps))) for i, (p, caps) in enumerate(zip(picks, index.captions))]
         order = rng.permutation(len(pairs)) if options.shuffle else np.arange(len(pairs))
-        per_batch = options.batch_size
+        per_batch = options.batch_size  # global
         whole = len(pairs) // per_batch if options.drop_remainder else -(-len(pairs) // per_batch)
         ordered = [pairs[order[p]] if p < len(pairs) else PADDING
                    for p in range(whole * per_batch)]
