@@ -33,6 +33,14 @@ from jaxcap.data.text import END_ID, PAD_ID, START_ID, Vocabulary
 from jaxcap.models.captioner import Captioner
 
 
+def word_logp(logits):
+    """The model's log-probabilities of the next word (..., V): ``<pad>`` and ``<start>``
+    are never words."""
+    vocab = jnp.arange(logits.shape[-1])
+    return jax.nn.log_softmax(jnp.where((vocab == PAD_ID) | (vocab == START_ID), -jnp.inf,
+                                        logits), axis=-1)
+
+
 def _next_word_logp(logits, tokens, t, min_length: int, no_repeat_ngram: int):
     """Log-probabilities (R, V) of the word at position ``t`` after ``tokens[:, :t]``.
 
@@ -41,8 +49,7 @@ def _next_word_logp(logits, tokens, t, min_length: int, no_repeat_ngram: int):
     blocking bars every word, ``<end>`` stays open, so a caption always ends.
     """
     vocab = jnp.arange(logits.shape[-1])
-    logits = jnp.where((vocab == PAD_ID) | (vocab == START_ID), -jnp.inf, logits)
-    model_logp = jax.nn.log_softmax(logits, axis=-1)
+    model_logp = word_logp(logits)
     logp = jnp.where((t <= min_length) & (vocab == END_ID), -jnp.inf, model_logp)
     if no_repeat_ngram:
         logp = jnp.where(_repeats_ngram(tokens, t, no_repeat_ngram, logits.shape[-1]),
@@ -106,10 +113,10 @@ def _word_by_word(model: Captioner, variables, inputs, keys, temperature, max_le
             token = jax.vmap(lambda key, row: jax.random.categorical(
                 jax.random.fold_in(key, t), _top_k_cut(row / temperature, top_k)))(keys, logp)
         token = jnp.where(done, PAD_ID, token.astype(jnp.int32))
-        word_logp = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
+        emitted_logp = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
         return dict(t=t + 1, carry=carry, done=done | (token == END_ID),
                     tokens=state["tokens"].at[:, t].set(token),
-                    scores=state["scores"] + jnp.where(done, 0.0, word_logp),
+                    scores=state["scores"] + jnp.where(done, 0.0, emitted_logp),
                     # no word emitted, no attention recorded
                     alphas=state["alphas"].at[:, t - 1].set(jnp.where(done[:, None], 0.0, alpha)))
 

@@ -20,7 +20,7 @@ from jaxcap.data.text import Vocabulary
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.encoder import load_encoder
 from jaxcap.train import (Checkpoints, TrainingError, assign, init_state, learning_rate_schedule,
-                          make_model, make_optimizer, settings_as_started)
+                          make_model, make_optimizer, selection_metric, settings_as_started)
 
 
 @dataclasses.dataclass
@@ -83,7 +83,7 @@ def load_run(workdir, dtype: str | None = None) -> TrainedRun:
         raise TrainingError(f"{workdir} has no best checkpoint yet: it is written at the end of "
                             "the first training epoch")
     model, abstract, metadata, encoder_variables = abstract_state(workdir, config, vocabulary)
-    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints, selection_metric(config)[0])
     try:
         state = checkpoints.restore_best(abstract)
     finally:

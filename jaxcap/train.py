@@ -50,7 +50,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from jaxcap import __version__, configs, distributed
+from jaxcap import __version__, configs, distributed, scst
 from jaxcap.convert import init_weights
 from jaxcap.data import builders, glove, shapes
 from jaxcap.data.pipeline import Batcher, FeatureStore, PipelineOptions, SplitIndex
@@ -68,6 +68,8 @@ MODEL_KEYS = ("decoder", "encoder.weights", "encoder.init_depth", "encoder.init_
               "encoder.stage", "encoder.grid", "encoder.image_size", "encoder.resize",
               "encoder.mode", "encoder.finetune", "encoder.batchnorm", "text", "glove",
               "dataset.name", "dataset.shapes", "seed")
+# What a run continued by SCST (objective=scst) takes from the run it starts from.
+INHERITED_KEYS = tuple(key for key in MODEL_KEYS if key != "seed")
 
 
 class TrainingError(Exception):
@@ -136,6 +138,10 @@ def _check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     current = json.loads(config.to_json_best_effort())
     if path.exists():
         saved = json.loads(path.read_text())
+        objective = saved.get("objective", "cross_entropy")
+        if objective != config.objective:
+            raise TrainingError(f"{workdir} holds a run trained with objective={objective}; "
+                                f"objective={config.objective} needs a new --workdir")
         known = _known_to(saved, current)
         changed = [key for key in MODEL_KEYS if _lookup(saved, key) != _lookup(known, key)]
         if changed:
@@ -149,6 +155,29 @@ def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """``config.json``, written once the run has started (or resumed) with ``config``."""
     current = json.loads(config.to_json_best_effort())
     write_text_atomic(workdir / "config.json", json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+def _start_from_run(config: ml_collections.ConfigDict, workdir: Path, log) -> Path:
+    """SCST: the run in ``init_from`` checked, its model settings taken, its vocabulary and
+    encoder copied into ``workdir``; returns its directory."""
+    try:
+        run = scst.check_init_run(config.init_from, workdir)
+    except scst.InitError as error:
+        raise TrainingError(str(error)) from None
+    saved = json.loads((run / "config.json").read_text())
+    for key, value in settings_as_started(saved).items():
+        assign(saved, key, value)
+    for key in INHERITED_KEYS:
+        value = _lookup(saved, key)
+        if value is None:
+            continue
+        value = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+        if _lookup(json.loads(config.to_json_best_effort()), key) != _lookup(saved, key):
+            log(f"{key}: as in {run} (the run SCST starts from)")
+        with config.ignore_type():
+            assign(config, key, value)
+    scst.copy_run_files(run, workdir)
+    return run
 
 
 def _prepare_encoder(config, workdir: Path) -> Path:
@@ -362,27 +391,37 @@ def loss_terms(model: Captioner, variables, batch, label_smoothing: float, train
     return model.apply(variables, method=forward, rngs=rngs), counts, None
 
 
-def train_step(state: TrainState, batch, base_rng, *, model, tx, label_smoothing):
+def train_step(state: TrainState, batch, base_rng, references=None, *, model, tx,
+               label_smoothing=0.0, objective: scst.Objective | None = None):
+    """One update on every device. The loss is the token cross-entropy with the variant's
+    own terms, or with ``objective`` SCST's policy gradient (``references``: the training
+    references its reward reads)."""
     rng = jax.random.fold_in(jax.random.fold_in(base_rng, state.step),
                              jax.lax.axis_index("batch"))
     several = jax.lax.axis_size("batch") > 1
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
-        terms, counts, batch_stats = loss_terms(model, variables, batch, label_smoothing, True,
-                                                rng)
+        if objective is None:
+            terms, counts, batch_stats = loss_terms(model, variables, batch, label_smoothing,
+                                                    True, rng)
+            stats = {}
+        else:
+            terms, counts, batch_stats, stats = objective.terms(model, variables, batch, rng,
+                                                                references)
         # Normalised by global counts, so that summing the devices' gradients gives
         # exactly the gradient of the whole batch's loss.
         totals = {per: jax.lax.stop_gradient(jax.lax.psum(n, "batch"))
                   for per, n in counts.items()}
         values = {name: value / totals[per] for name, (value, per) in terms.items()}
-        return sum(values.values()), (values, batch_stats)
+        means = {name: value / totals[per] for name, (value, per) in stats.items()}
+        return sum(values.values()), (values, means, batch_stats)
 
-    grads, (values, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, (values, means, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     if several:
         # On one device XLA still copies the whole gradient through an all-reduce.
         grads = jax.lax.psum(grads, "batch")
-    values = jax.lax.psum(values, "batch")
+    values, means = jax.lax.psum((values, means), "batch")
     loss = sum(values.values())
 
     def update(state):
@@ -404,7 +443,7 @@ def train_step(state: TrainState, batch, base_rng, *, model, tx, label_smoothing
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     state = jax.lax.cond(finite, update, lambda state: state, state)
     state = state.replace(step=state.step + 1, nonfinite=state.nonfinite | ~finite)
-    return state, {"loss": loss, **values}
+    return state, {"loss": loss, **values, **means}
 
 
 def eval_step(state: TrainState, batch, *, model):
@@ -467,9 +506,10 @@ def write_run_info(workdir: Path, params, **records) -> None:
 
 
 class Checkpoints:
-    """The last ``keep`` checkpoints and the best by val BLEU-4, with the loop's progress."""
+    """The last ``keep`` checkpoints and the best by a validation score (``metric``: val
+    BLEU-4, or CIDEr-D for SCST), with the loop's progress."""
 
-    def __init__(self, workdir: Path, keep: int):
+    def __init__(self, workdir: Path, keep: int, metric: str = "bleu4"):
         self.workdir = workdir
 
         def processes(name):  # the two managers' barriers must not share names
@@ -479,9 +519,10 @@ class Checkpoints:
                                                multiprocessing_options=processes("latest"))
         self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=options)
         best = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_mode="max",
-                                            best_fn=lambda metrics: metrics["bleu4"],
+                                            best_fn=lambda metrics: metrics[metric],
                                             multiprocessing_options=processes("best"))
         self.best = ocp.CheckpointManager(workdir / "best", options=best)
+        self.metric = metric
 
     @staticmethod
     def _args(state, progress):
@@ -514,12 +555,12 @@ class Checkpoints:
         self._replace(self.latest, step)
         self.latest.save(step, args=self._args(state, progress), force=True)
 
-    def save_best(self, state: TrainState, progress: dict, bleu4: float) -> None:
+    def save_best(self, state: TrainState, progress: dict, score: float) -> None:
         step = int(state.step)
         self._check_processes(state)
         self._replace(self.best, step)
         self.best.save(step, args=self._args(state, progress), force=True,
-                       metrics={"bleu4": bleu4})
+                       metrics={self.metric: score})
 
     def restore_latest(self, abstract: TrainState):
         """The newest readable checkpoint, or None when the run has none yet.
@@ -657,26 +698,42 @@ class MetricsLog:
 # ----------------------------------------------------------------------- the loop
 
 
+def selection_metric(config) -> tuple[str, str]:
+    """``(key, name)`` of the validation score that picks the best checkpoint, cuts the
+    rate and stops early: BLEU-4, or CIDEr-D when training on it (SCST)."""
+    scst_run = config.get("objective", "cross_entropy") == "scst"  # older runs lack the key
+    return ("cider", "CIDEr-D") if scst_run else ("bleu4", "BLEU-4")
+
+
 @dataclasses.dataclass
 class Progress:
     """Host-side loop state saved with each checkpoint."""
 
     evaluated_epochs: int = 0
-    best_bleu4: float = -1.0
+    best_score: float = -1.0  # of the selection metric
     epochs_since_best: int = 0
     epochs_since_cut: int = 0
     stopped_early: bool = False
 
-    def after_validation(self, epoch: int, bleu4: float, lr_scale: float, config, log) -> float:
-        """Takes epoch ``epoch``'s val BLEU-4; returns the learning-rate scale from now on.
+    @classmethod
+    def from_saved(cls, saved: dict) -> "Progress":
+        saved = dict(saved)
+        if "best_bleu4" in saved:  # as runs before the selection metric saved it
+            saved["best_score"] = saved.pop("best_bleu4")
+        return cls(**saved)
 
-        After ``plateau_patience`` epochs without a better BLEU-4 the scale is multiplied
+    def after_validation(self, epoch: int, score: float, lr_scale: float, config, log) -> float:
+        """Takes epoch ``epoch``'s validation score (``selection_metric``); returns the
+        learning-rate scale from now on.
+
+        After ``plateau_patience`` epochs without a better score the scale is multiplied
         by ``plateau_factor`` (and again after as many more); after
         ``early_stopping_patience`` such epochs (0: never) ``stopped_early`` is set.
         """
+        name = selection_metric(config)[1]
         self.evaluated_epochs = epoch + 1
-        if bleu4 > self.best_bleu4:
-            self.best_bleu4 = bleu4
+        if score > self.best_score:
+            self.best_score = score
             self.epochs_since_best = self.epochs_since_cut = 0
         else:
             self.epochs_since_best += 1
@@ -684,17 +741,18 @@ class Progress:
             if self.epochs_since_cut >= config.plateau_patience:
                 lr_scale *= config.plateau_factor
                 self.epochs_since_cut = 0
-                log(f"val BLEU-4 plateau: learning rate scaled to {lr_scale:g} of the schedule")
+                log(f"val {name} plateau: learning rate scaled to {lr_scale:g} of the schedule")
         if config.early_stopping_patience and \
                 self.epochs_since_best >= config.early_stopping_patience:
             self.stopped_early = True
-            log(f"stopping early: no better val BLEU-4 for {self.epochs_since_best} epochs")
+            log(f"stopping early: no better val {name} for {self.epochs_since_best} epochs")
         return lr_scale
 
 
 def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index: SplitIndex,
                    vocabulary, config, p_eval) -> dict:
-    """Validation loss (teacher forcing, on all devices) and greedy BLEU-1..4 over a split.
+    """Validation loss (teacher forcing, on all devices), greedy BLEU-1..4 and CIDEr-D over a
+    split.
 
     Each process decodes its share; the captions of all processes are gathered and
     scored on each, so all of them take the same decisions from the result."""
@@ -716,7 +774,7 @@ def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index
                   in zip(images, captions.reshape(len(images), -1)) if image >= 0}
     references = {i: index.captions[i] for i in hypotheses}
     # The Python tokenizer: BLEU as pycocoevalcap's scorer computes it, without starting Java.
-    scores = caption_metrics(references, hypotheses, metrics=("bleu",), tokenizer="python")
+    scores = caption_metrics(references, hypotheses, metrics=("bleu", "cider"), tokenizer="python")
     if any(index.objects):  # a grounded dataset: which objects the captions name, right or not
         scores.update(object_metrics(
             list(hypotheses.values()),
@@ -732,11 +790,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     primary = distributed.is_primary()
     log = functools.partial(print, file=sys.stderr) if primary else lambda *_: None
     _check_batch_sizes(config)
+    objective = None
+    if config.objective == "scst":
+        try:
+            objective = scst.Objective.from_config(config)
+        except ValueError as error:
+            raise TrainingError(f"{error} (in the config's scst section)") from None
+    elif config.objective != "cross_entropy":
+        raise TrainingError(f"objective must be cross_entropy or scst, got {config.objective!r}")
 
     def prepare():
         """What the run reads, built where absent (idempotent and deterministic)."""
         workdir.mkdir(parents=True, exist_ok=True)
         _as_started(config, workdir, log)
+        if objective is not None:
+            _start_from_run(config, workdir, log)
         _check_config(config, workdir)
         if not (workdir / "config.json").exists():  # a new run: what it builds is known now
             _write_config(config, workdir)
@@ -785,8 +853,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     tx = make_optimizer(config, schedule)
     state = init_state(model, config, inputs_shape, embedding,
                        encoder_variables if model.encoder is not None else None, tx)
+    references = None if objective is None else flax.jax_utils.replicate(
+        scst.training_references(train_index.captions, vocabulary))
 
-    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    metric = selection_metric(config)[0]
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints, metric)
     progress = Progress()
     try:
         restored = checkpoints.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct,
@@ -796,8 +867,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         raise
     if restored is not None:
         state, saved_progress = restored
-        progress = Progress(**saved_progress)
+        progress = Progress.from_saved(saved_progress)
         log(f"resumed from step {int(state.step)} in {workdir}")
+    elif objective is not None:
+        state = _initial_scst_state(state, Path(config.init_from).expanduser().absolute(), tx,
+                                    config.keep_checkpoints, log)
     start_step = int(state.step)
     if primary:
         _write_config(config, workdir)
@@ -805,7 +879,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     metrics_log = MetricsLog(workdir, start_step, progress.evaluated_epochs)
 
     p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx,
-                                         label_smoothing=config.decoder.label_smoothing),
+                                         label_smoothing=config.decoder.label_smoothing,
+                                         objective=objective),
                        axis_name="batch", donate_argnums=(0,))
     p_eval = jax.pmap(functools.partial(eval_step, model=model), axis_name="batch")
     base_rng = flax.jax_utils.replicate(jax.random.PRNGKey(config.seed + 1))
@@ -831,7 +906,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         while step < total_steps and not progress.stopped_early:
             epoch, first = divmod(step, steps_per_epoch)
             for batch in train_batches.epoch(epoch, first):
-                replicated, metrics = p_train(replicated, _shard(batch, devices), base_rng)
+                replicated, metrics = p_train(replicated, _shard(batch, devices), base_rng,
+                                              references)
                 step += 1
                 metrics = {key: value[0] for key, value in metrics.items()}
                 interval["sums"] = metrics if interval["sums"] is None else jax.tree.map(
@@ -849,8 +925,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                               float(replicated.lr_scale[0]),
                               "captions_per_s": interval["count"] * config.batch_size / elapsed}
                     metrics_log.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                    captions_per_s=f"{record['captions_per_s']:.0f}")
+                    shown = "reward" if objective is not None else "loss"
+                    bar.set_postfix({shown: f"{record[shown]:.3f}",
+                                     "captions_per_s": f"{record['captions_per_s']:.0f}"})
                     interval = {"sums": None, "count": 0, "start": time.perf_counter()}
                 if step % config.checkpoint_every_steps == 0 and not at_epoch_end:
                     check_finite(step)
@@ -886,6 +963,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return last_val
 
 
+def _initial_scst_state(state: TrainState, run: Path, tx, keep: int, log) -> TrainState:
+    """The state SCST starts from: the best parameters (and statistics) of ``run``, a new
+    optimizer, step 0."""
+    source = Checkpoints(run, keep)
+    try:
+        best = source.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+    finally:
+        source.close()
+    log(f"starting from the best checkpoint of {run} (step {int(best.step)})")
+    return state.replace(params=best.params, batch_stats=best.batch_stats,
+                         opt_state=tx.init(best.params))
+
+
 def _end_of_epoch(step, epoch, model, val_batches, val_index, vocabulary, config, p_eval,
                   progress: Progress, checkpoints: Checkpoints, metrics_log, replicated,
                   state: TrainState, log) -> tuple[dict, float]:
@@ -896,16 +986,17 @@ def _end_of_epoch(step, epoch, model, val_batches, val_index, vocabulary, config
     metrics = evaluate_split(replicated, state, model, val_batches, val_index, vocabulary, config,
                              p_eval)
     examples = metrics.pop("examples")
-    lr_scale = progress.after_validation(epoch, metrics["bleu4"], float(state.lr_scale),
+    metric = selection_metric(config)[0]
+    lr_scale = progress.after_validation(epoch, metrics[metric], float(state.lr_scale),
                                          config, log)
     state = state.replace(lr_scale=np.asarray(lr_scale, np.float32))
     if progress.epochs_since_best == 0:
-        checkpoints.save_best(state, dataclasses.asdict(progress), metrics["bleu4"])
-    record = {"step": step, "epoch": epoch + 1, **metrics, "best_bleu4": progress.best_bleu4,
+        checkpoints.save_best(state, dataclasses.asdict(progress), metrics[metric])
+    record = {"step": step, "epoch": epoch + 1, **metrics, f"best_{metric}": progress.best_score,
               "lr_scale": lr_scale}
     metrics_log.write(record)
-    log(f"epoch {epoch + 1}: val loss {metrics['val_loss']:.4f}, BLEU-4 {metrics['bleu4']:.4f}; "
-        f"e.g. {next(iter(examples.values()), '')!r}")
+    log(f"epoch {epoch + 1}: val loss {metrics['val_loss']:.4f}, BLEU-4 {metrics['bleu4']:.4f}, "
+        f"CIDEr-D {metrics['cider']:.4f}; e.g. {next(iter(examples.values()), '')!r}")
     checkpoints.save(state, dataclasses.asdict(progress))
     return record, lr_scale
 

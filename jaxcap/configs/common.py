@@ -76,6 +76,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.decoder.transformer = ml_collections.ConfigDict(dict(
         layers=2, heads=4, width=256, mlp_dim=1024, dropout_rate=0.1))
 
+    # cross_entropy, or scst: self-critical training from the cross-entropy run in init_from
+    # (its best checkpoint, vocabulary, encoder and model settings; jaxcap/scst.py).
+    c.objective = "cross_entropy"
+    c.init_from = ""
+    c.scst = ml_collections.ConfigDict(dict(
+        samples=5,  # captions drawn per image and step
+        baseline="greedy",  # greedy: the greedy caption's reward; mean: the other samples'
+        cider_d=1.0, bleu4=0.0,  # the reward's weights
+        reward_fn="", reward_fn_weight=1.0))  # "package.module:function", added to the reward
+
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 64
     c.eval.max_length = 22  # decoded tokens, <start> and <end> included

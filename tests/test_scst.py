@@ -1,0 +1,175 @@
+"""Self-critical training: samples come from the distribution it differentiates, it raises the
+reward of every decoder variant, and runs of it start, stop and resume as cross-entropy runs do."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxcap import cli, configs, decode, rewards, scst
+from jaxcap.models.captioner import Captioner
+from jaxcap.models.decoders import VARIANTS, make_decoder
+from jaxcap.train import init_state, learning_rate_schedule, make_optimizer, train_step
+
+VOCAB, FEATURES, GRID, IMAGES = 12, 6, 2, 4
+
+
+def _config(variant: str, baseline: str):
+    config = configs.load("tiny")
+    config.decoder.update(variant=variant, embed_dim=6, hidden_dim=16, attention_dim=8,
+                          dropout=0.0)
+    config.decoder.transformer.update(width=16, heads=2, mlp_dim=24, dropout_rate=0.0)
+    config.update(objective="scst", schedule="constant", learning_rate=0.05)
+    config.scst.update(samples=8, baseline=baseline)
+    config.eval.max_length = 6
+    return config
+
+
+def _references():
+    """Image i is described by words 4 + i and 8 + i (in either order)."""
+    return rewards.References.build([[[4 + i, 8 + i], [4 + i, 8 + i], [8 + i, 4 + i]]
+                                     for i in range(IMAGES)])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_scst_samples_what_it_differentiates_and_raises_the_reward(variant, rng):
+    baseline = "mean" if variant == "transformer" else "greedy"  # both baselines run
+    config = _config(variant, baseline)
+    model = Captioner(make_decoder(config.decoder, VOCAB, FEATURES))
+    objective = scst.Objective.from_config(config)
+    tx = make_optimizer(config, learning_rate_schedule(config, 100))
+    embedding = rng.normal(size=(VOCAB, 6)).astype(np.float32)
+    state = init_state(model, config, (GRID, GRID, FEATURES), embedding, None, tx)
+    features = rng.normal(size=(IMAGES, GRID, GRID, FEATURES)).astype(np.float32)
+    batch = {"features": features, "image_index": np.arange(IMAGES, dtype=np.int32),
+             "weights": np.ones(IMAGES, np.float32)}
+    references = _references()
+
+    # The teacher-forced log-probability of a sample is the score the sampler drew it with.
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    keys = jax.random.split(jax.random.PRNGKey(1), IMAGES)
+    tokens, scores, _ = decode.sample(model, variables, features, keys, 6)
+    np.testing.assert_allclose(
+        model.apply(variables, features, tokens, method=scst.caption_log_probability),
+        scores, rtol=1e-4, atol=1e-4)
+
+    step = jax.jit(jax.vmap(functools.partial(train_step, model=model, tx=tx,
+                                              objective=objective),
+                            axis_name="batch", in_axes=(0, 0, None, None)))
+    state, batch = jax.tree.map(lambda x: x[None], (state, batch))
+    rewards_seen = []
+    for _ in range(100):
+        state, metrics = step(state, batch, jax.random.PRNGKey(0), references)
+        rewards_seen.append((float(metrics["reward"][0]), float(metrics["greedy_reward"][0])))
+    sampled, greedy = np.asarray(rewards_seen).T
+    assert np.isfinite(sampled).all()
+    assert sampled[-10:].mean() > 2 * sampled[:10].mean(), sampled
+    assert greedy[-10:].mean() > greedy[:10].mean(), greedy
+
+
+# ------------------------------------------------------------------ runs, through the CLI
+
+def _train_args(workdir, data_dir, *extra):
+    return ["train", "--config", "tiny", "--workdir", str(workdir),
+            f"--config.dataset.data_dir={data_dir}", *extra]
+
+
+def _scst_args(workdir, data_dir, init_from, *extra):
+    return _train_args(workdir, data_dir, "--config.objective=scst",
+                       f"--config.init_from={init_from}", "--config.num_epochs=2",
+                       "--config.scst.samples=2", *extra)
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, trained_run):
+    return tmp_path_factory.getbasetemp() / "tiny_datasets"  # where trained_run's dataset is
+
+
+@pytest.fixture(scope="module")
+def cross_entropy_run(trained_run):
+    return trained_run  # the session's tiny run (conftest.py)
+
+
+@pytest.fixture(scope="module")
+def scst_run(tmp_path_factory, data_dir, cross_entropy_run):
+    workdir = tmp_path_factory.mktemp("runs") / "scst"
+    # A model setting that differs from the init run's is taken from it, with a message.
+    assert cli.main(_scst_args(workdir, data_dir, cross_entropy_run,
+                               "--config.decoder.hidden_dim=64")) == 0
+    return workdir
+
+
+def test_an_scst_run_continues_the_init_run_and_selects_by_cider(scst_run, cross_entropy_run):
+    config = json.loads((scst_run / "config.json").read_text())
+    assert config["objective"] == "scst"
+    assert config["decoder"] == json.loads((cross_entropy_run / "config.json").read_text())[
+        "decoder"]  # hidden_dim 32, as the init run's, not the 64 asked for
+    assert (scst_run / "vocabulary.json").read_text() == \
+        (cross_entropy_run / "vocabulary.json").read_text()
+    assert (scst_run / "encoder" / "metadata.json").exists()
+    records = _records(scst_run)
+    steps = [r for r in records if "reward" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))  # its own steps, from 0
+    assert all(np.isfinite(r["reward"]) and np.isfinite(r["greedy_reward"]) for r in steps)
+    validations = [r for r in records if "val_loss" in r]
+    assert [r["epoch"] for r in validations] == [1, 2]
+    assert all("best_cider" in r and "cider" in r for r in validations)
+    best = max(r["cider"] for r in validations)
+    assert validations[-1]["best_cider"] == best
+
+
+def test_scst_resumes_exactly_after_sigkill(tmp_path, data_dir, cross_entropy_run, scst_run):
+    workdir = tmp_path / "killed"
+    args = _scst_args(workdir, data_dir, cross_entropy_run, "--config.decoder.hidden_dim=64")
+    process = subprocess.Popen([sys.executable, "-m", "jaxcap.cli", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=dict(os.environ))
+    deadline = time.time() + 300
+    checkpoints = workdir / "checkpoints"
+    while time.time() < deadline and process.poll() is None:
+        if checkpoints.exists() and any(p.name.isdigit() and int(p.name) >= 4
+                                        for p in checkpoints.iterdir()):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert cli.main(args) == 0
+
+    def trajectory(run):
+        return [(r["step"], r.get("loss"), r.get("reward"), r.get("cider"))
+                for r in _records(run)]
+    assert trajectory(workdir) == trajectory(scst_run)
+
+
+def test_a_bad_init_from_is_a_clear_error(tmp_path, data_dir, cross_entropy_run, scst_run,
+                                           capsys):
+    def error(*extra):
+        assert cli.main(_train_args(tmp_path / "new", data_dir, "--config.objective=scst",
+                                    *extra)) == 2
+        return capsys.readouterr().err
+
+    assert "pass --config.init_from=RUN_DIR" in error()
+    assert "does not exist" in error(f"--config.init_from={tmp_path / 'absent'}")
+    (tmp_path / "empty").mkdir()
+    message = error(f"--config.init_from={tmp_path / 'empty'}")
+    assert "not a jaxcap run directory" in message and "config.json" in message
+    assert "start SCST from a cross-entropy run" in error(f"--config.init_from={scst_run}")
+    assert "own --workdir" in error(f"--config.init_from={tmp_path / 'new'}")
+    # A cross-entropy run is not continued by SCST in its own directory, nor the reverse.
+    assert cli.main(_train_args(scst_run, data_dir)) == 2
+    assert "objective=cross_entropy needs a new --workdir" in capsys.readouterr().err
+    assert "scst.baseline must be one of" in error(f"--config.init_from={cross_entropy_run}",
+                                                   "--config.scst.baseline=best")
+    assert not (tmp_path / "new" / "checkpoints").exists()
