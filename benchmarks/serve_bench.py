@@ -1,7 +1,9 @@
 """``jaxcap serve`` under load: images/s and latency at 1, 8 and 64 concurrent clients.
 
 Three ways to caption the same shapes test images with the same run and search
-(beam 3): ``CaptionSearch`` on all of them in one batch (offline, the ceiling),
+(beam 3): ``CaptionSearch`` on all of them in one batch (offline, the ceiling;
+also one image per call, the ceiling of a service without batching, so that
+``offline_batching_gain`` bounds what batching can gain over one),
 ``jaxcap serve`` with dynamic batching (``--max-batch 64 --max-wait-ms 10``),
 and ``jaxcap serve --max-batch 1`` (every request decoded alone, as a service
 without batching would). Each server runs in its own process on loopback; the
@@ -157,7 +159,17 @@ def main() -> None:
     offline = len(pixels) / best_seconds(lambda: search(pixels), args.repetitions)
     print(f"offline CaptionSearch, {len(pixels)} images in one batch: {offline:.1f} images/s")
 
-    figures = {"offline_images_per_s": offline}
+    # One image per call: what a service without batching could reach at best. Batching
+    # cannot gain more over such a service than the offline batch gains over this.
+    single = CaptionSearch(run.image_model, run.image_variables, run.vocabulary, options,
+                           max_batch=1)
+    offline_single = len(pixels) / best_seconds(
+        lambda: [single(pixels[i:i + 1]) for i in range(len(pixels))], args.repetitions)
+    print(f"offline CaptionSearch, one image per call: {offline_single:.1f} images/s "
+          f"(batching gains {offline / offline_single:.2f}x offline)")
+
+    figures = {"offline_images_per_s": offline, "offline_single_images_per_s": offline_single,
+               "offline_batching_gain": offline / offline_single}
     with server(args.workdir, max_batch=64) as url:
         for clients in CONCURRENCY:
             requests = args.requests if clients == 64 else max(32, args.requests * clients // 64)

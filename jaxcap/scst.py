@@ -1,8 +1,11 @@
-"""Self-critical sequence training (Rennie et al. 2017): ``--config.objective=scst``.
+"""Self-critical sequence training (Rennie et al. 2017).
 
-A cross-entropy run (``--config.init_from=RUN_DIR``: its best checkpoint, its
-vocabulary and encoder, its model settings) goes on training to maximise the
-expected reward of its own sampled captions, by REINFORCE with a baseline:
+``--config.objective=scst`` continues a cross-entropy run
+(``--config.init_from=RUN_DIR``: its best checkpoint, its vocabulary and
+encoder, its model settings); ``--config.scst.from_epoch=K`` switches a
+cross-entropy run to it at epoch K. Either way the model trains at
+``scst.learning_rate`` to maximise the expected reward of its own sampled
+captions, by REINFORCE with a baseline:
 
     loss = -(1 / samples) * sum_s (r(w_s) - b) * log p(w_s)
 
@@ -80,10 +83,8 @@ class Objective:
         frozen = jax.lax.stop_gradient
         # The searches read the grid the encoder computed, with the decoder alone.
         searcher = Captioner(model.decoder)
-        search_variables = frozen({"params": {"decoder": variables["params"]["decoder"]},
-                                   **({"batch_stats": {"decoder": variables["batch_stats"]
-                                       ["decoder"]}} if "decoder" in variables.get(
-                                           "batch_stats", {}) else {})})
+        search_variables = frozen({collection: {"decoder": tree["decoder"]}
+                                   for collection, tree in variables.items() if "decoder" in tree})
         batch_size, count = image.shape[0], self.samples
         repeated = jnp.repeat(frozen(features), count, axis=0)
         keys = jax.random.split(rng, batch_size * count)

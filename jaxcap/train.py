@@ -299,17 +299,38 @@ def make_model(config, vocab_size: int, encoder_metadata: dict) -> Captioner:
                      train_batchnorm=train_batchnorm and encoder is not None)
 
 
-def learning_rate_schedule(config, total_steps: int):
-    base = config.learning_rate
+def first_scst_epoch(config) -> int | None:
+    """The first epoch trained by self-critical training: 0 for ``objective=scst`` (a run
+    continuing ``init_from``), ``scst.from_epoch`` for a cross-entropy run that switches
+    to it, None for a run without it (also a run started before SCST existed)."""
+    if config.get("objective", "cross_entropy") == "scst":
+        return 0
+    from_epoch = config.get("scst", {}).get("from_epoch", -1)
+    return from_epoch if from_epoch >= 0 else None
+
+
+def learning_rate_schedule(config, total_steps: int, steps_per_epoch: int = 1):
+    """``learning_rate`` by ``schedule``; SCST steps train at ``scst.learning_rate``: the
+    whole schedule of an ``objective=scst`` run, constant from ``scst.from_epoch`` on."""
+    switch = first_scst_epoch(config)
+    base = config.scst.learning_rate if switch == 0 else config.learning_rate
     warmup = max(1, min(config.warmup_steps, total_steps))
     if config.schedule == "constant":
-        return optax.constant_schedule(base)
-    if config.schedule == "warmup":
-        return optax.join_schedules([optax.linear_schedule(0.0, base, warmup),
-                                     optax.constant_schedule(base)], [warmup])
-    if config.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, base, warmup, max(total_steps, warmup + 1))
-    raise TrainingError(f"schedule must be constant, warmup or cosine, got {config.schedule!r}")
+        schedule = optax.constant_schedule(base)
+    elif config.schedule == "warmup":
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, base, warmup),
+                                         optax.constant_schedule(base)], [warmup])
+    elif config.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, base, warmup,
+                                                      max(total_steps, warmup + 1))
+    else:
+        raise TrainingError(f"schedule must be constant, warmup or cosine, "
+                            f"got {config.schedule!r}")
+    if switch:
+        schedule = optax.join_schedules(
+            [schedule, optax.constant_schedule(config.scst.learning_rate)],
+            [switch * steps_per_epoch])
+    return schedule
 
 
 def make_optimizer(config, schedule) -> optax.GradientTransformation:
@@ -701,8 +722,7 @@ class MetricsLog:
 def selection_metric(config) -> tuple[str, str]:
     """``(key, name)`` of the validation score that picks the best checkpoint, cuts the
     rate and stops early: BLEU-4, or CIDEr-D when training on it (SCST)."""
-    scst_run = config.get("objective", "cross_entropy") == "scst"  # older runs lack the key
-    return ("cider", "CIDEr-D") if scst_run else ("bleu4", "BLEU-4")
+    return ("bleu4", "BLEU-4") if first_scst_epoch(config) is None else ("cider", "CIDEr-D")
 
 
 @dataclasses.dataclass
@@ -790,20 +810,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     primary = distributed.is_primary()
     log = functools.partial(print, file=sys.stderr) if primary else lambda *_: None
     _check_batch_sizes(config)
+    if config.objective not in ("cross_entropy", "scst"):
+        raise TrainingError(f"objective must be cross_entropy or scst, got {config.objective!r}")
+    scst_from = first_scst_epoch(config)
     objective = None
-    if config.objective == "scst":
+    if scst_from is not None:
         try:
             objective = scst.Objective.from_config(config)
         except ValueError as error:
             raise TrainingError(f"{error} (in the config's scst section)") from None
-    elif config.objective != "cross_entropy":
-        raise TrainingError(f"objective must be cross_entropy or scst, got {config.objective!r}")
 
     def prepare():
         """What the run reads, built where absent (idempotent and deterministic)."""
         workdir.mkdir(parents=True, exist_ok=True)
         _as_started(config, workdir, log)
-        if objective is not None:
+        if config.objective == "scst":
             _start_from_run(config, workdir, log)
         _check_config(config, workdir)
         if not (workdir / "config.json").exists():  # a new run: what it builds is known now
@@ -849,7 +870,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                             f"({config.batch_size})")
     total_steps = (config.num_train_steps if config.num_train_steps > 0
                    else config.num_epochs * steps_per_epoch)
-    schedule = learning_rate_schedule(config, total_steps)
+    schedule = learning_rate_schedule(config, total_steps, steps_per_epoch)
     tx = make_optimizer(config, schedule)
     state = init_state(model, config, inputs_shape, embedding,
                        encoder_variables if model.encoder is not None else None, tx)
@@ -869,7 +890,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         state, saved_progress = restored
         progress = Progress.from_saved(saved_progress)
         log(f"resumed from step {int(state.step)} in {workdir}")
-    elif objective is not None:
+    elif config.objective == "scst":
         state = _initial_scst_state(state, Path(config.init_from).expanduser().absolute(), tx,
                                     config.keep_checkpoints, log)
     start_step = int(state.step)
@@ -878,10 +899,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         write_run_info(workdir, state.params)
     metrics_log = MetricsLog(workdir, start_step, progress.evaluated_epochs)
 
-    p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx,
-                                         label_smoothing=config.decoder.label_smoothing,
-                                         objective=objective),
-                       axis_name="batch", donate_argnums=(0,))
+    def pmapped_step(objective):
+        return jax.pmap(functools.partial(train_step, model=model, tx=tx,
+                                          label_smoothing=config.decoder.label_smoothing,
+                                          objective=objective),
+                        axis_name="batch", donate_argnums=(0,))
+    p_cross_entropy = pmapped_step(None) if scst_from != 0 else None
+    p_scst = pmapped_step(objective) if objective is not None else None
     p_eval = jax.pmap(functools.partial(eval_step, model=model), axis_name="batch")
     base_rng = flax.jax_utils.replicate(jax.random.PRNGKey(config.seed + 1))
     replicated = flax.jax_utils.replicate(state)
@@ -905,6 +929,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     try:
         while step < total_steps and not progress.stopped_early:
             epoch, first = divmod(step, steps_per_epoch)
+            by_scst = scst_from is not None and epoch >= scst_from
+            p_train = p_scst if by_scst else p_cross_entropy
+            switches_next = scst_from is not None and epoch + 1 == scst_from
             for batch in train_batches.epoch(epoch, first):
                 replicated, metrics = p_train(replicated, _shard(batch, devices), base_rng,
                                               references)
@@ -915,7 +942,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 interval["count"] += 1
                 bar.update(1)
                 at_epoch_end = step % steps_per_epoch == 0 or step == total_steps
-                if step % config.log_every_steps == 0 or step == total_steps:
+                # The objective's metrics differ: an interval ends where it changes.
+                if step % config.log_every_steps == 0 or step == total_steps or (
+                        at_epoch_end and switches_next):
                     check_finite(step)
                     elapsed = time.perf_counter() - interval["start"]
                     record = {"step": step, "epoch": epoch,
@@ -925,7 +954,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                               float(replicated.lr_scale[0]),
                               "captions_per_s": interval["count"] * config.batch_size / elapsed}
                     metrics_log.write(record)
-                    shown = "reward" if objective is not None else "loss"
+                    shown = "reward" if by_scst else "loss"
                     bar.set_postfix({shown: f"{record[shown]:.3f}",
                                      "captions_per_s": f"{record['captions_per_s']:.0f}"})
                     interval = {"sums": None, "count": 0, "start": time.perf_counter()}
@@ -966,7 +995,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _initial_scst_state(state: TrainState, run: Path, tx, keep: int, log) -> TrainState:
     """The state SCST starts from: the best parameters (and statistics) of ``run``, a new
     optimizer, step 0."""
-    source = Checkpoints(run, keep)
+    saved = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
+    source = Checkpoints(run, keep, selection_metric(saved)[0])
     try:
         best = source.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
     finally:

@@ -26,8 +26,8 @@ def _config(variant: str, baseline: str):
     config.decoder.update(variant=variant, embed_dim=6, hidden_dim=16, attention_dim=8,
                           dropout=0.0)
     config.decoder.transformer.update(width=16, heads=2, mlp_dim=24, dropout_rate=0.0)
-    config.update(objective="scst", schedule="constant", learning_rate=0.05)
-    config.scst.update(samples=8, baseline=baseline)
+    config.update(objective="scst", schedule="constant")
+    config.scst.update(samples=8, baseline=baseline, learning_rate=0.05)
     config.eval.max_length = 6
     return config
 
@@ -129,9 +129,35 @@ def test_an_scst_run_continues_the_init_run_and_selects_by_cider(scst_run, cross
     assert validations[-1]["best_cider"] == best
 
 
-def test_scst_resumes_exactly_after_sigkill(tmp_path, data_dir, cross_entropy_run, scst_run):
+def _switching_args(workdir, data_dir):
+    return _train_args(workdir, data_dir, "--config.scst.from_epoch=1", "--config.num_epochs=2",
+                       "--config.scst.samples=2", "--config.scst.learning_rate=0.001")
+
+
+@pytest.fixture(scope="module")
+def switching_run(tmp_path_factory, data_dir, trained_run):
+    workdir = tmp_path_factory.mktemp("runs") / "switching"
+    assert cli.main(_switching_args(workdir, data_dir)) == 0
+    return workdir
+
+
+def test_a_cross_entropy_run_switches_to_scst_at_from_epoch(switching_run):
+    records = _records(switching_run)
+    steps = [r for r in records if "loss" in r and "val_loss" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert not any("reward" in r for r in steps[:6])  # epoch 0: cross-entropy
+    assert all("reward" in r and "scst" in r for r in steps[6:])  # epoch 1: SCST
+    assert [r["learning_rate"] for r in steps[6:]] == pytest.approx([0.001] * 6)
+    assert steps[5]["learning_rate"] == pytest.approx(0.003)  # tiny: 3e-3 after its warmup
+    validations = [r for r in records if "val_loss" in r]
+    assert all("best_cider" in r for r in validations)  # selected by CIDEr-D throughout
+
+
+def test_scst_resumes_exactly_after_sigkill(tmp_path, data_dir, switching_run):
+    """Killed at a checkpoint of either stage, the rerun goes through the rest (and the
+    switch) to the same losses, rewards and validation scores."""
     workdir = tmp_path / "killed"
-    args = _scst_args(workdir, data_dir, cross_entropy_run, "--config.decoder.hidden_dim=64")
+    args = _switching_args(workdir, data_dir)
     process = subprocess.Popen([sys.executable, "-m", "jaxcap.cli", *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env=dict(os.environ))
@@ -150,7 +176,7 @@ def test_scst_resumes_exactly_after_sigkill(tmp_path, data_dir, cross_entropy_ru
     def trajectory(run):
         return [(r["step"], r.get("loss"), r.get("reward"), r.get("cider"))
                 for r in _records(run)]
-    assert trajectory(workdir) == trajectory(scst_run)
+    assert trajectory(workdir) == trajectory(switching_run)
 
 
 def test_a_bad_init_from_is_a_clear_error(tmp_path, data_dir, cross_entropy_run, scst_run,

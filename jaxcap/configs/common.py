@@ -81,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective = "cross_entropy"
     c.init_from = ""
     c.scst = ml_collections.ConfigDict(dict(
+        from_epoch=-1,  # objective=cross_entropy: train by SCST from this epoch on (-1: never)
+        learning_rate=5e-5,  # what SCST steps train at (learning_rate is cross-entropy's)
         samples=5,  # captions drawn per image and step
         baseline="greedy",  # greedy: the greedy caption's reward; mean: the other samples'
         cider_d=1.0, bleu4=0.0,  # the reward's weights

@@ -18,6 +18,7 @@ def get_config():
     c.batch_size = 8
     c.eval.batch_size = 8
     c.num_epochs = 3
+    c.scst.from_epoch = -1  # cross-entropy only (the SCST tests switch it on)
     c.warmup_steps = 5
     c.learning_rate = 3e-3
     c.log_every_steps = 1
