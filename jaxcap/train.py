@@ -98,19 +98,23 @@ def _lookup(config, dotted: str):
 
 # Settings added to jaxcap since runs began, with the value a run started before them had:
 # a resumed or loaded run keeps computing as it was trained.
-AS_BEFORE = {"encoder.batchnorm": "frozen"}
+# (A run started before SCST was part of the shapes default trained by cross-entropy only,
+# and picked its best checkpoint by BLEU-4.)
+AS_BEFORE = {"encoder.batchnorm": "frozen", "scst.from_epoch": -1}
 
 
 def settings_as_started(saved: dict) -> dict:
     """``{dotted key: value}`` of the ``AS_BEFORE`` settings a run's saved config predates."""
-    return {key: value for key, value in AS_BEFORE.items()
-            if _lookup(saved, key) is None and _lookup(saved, key.rsplit(".", 1)[0]) is not None}
+    return {key: value for key, value in AS_BEFORE.items() if _lookup(saved, key) is None}
 
 
 def assign(tree, dotted: str, value) -> None:
-    """``tree[a][b] = value`` for ``dotted`` "a.b" (a dict or a ConfigDict)."""
+    """``tree[a][b] = value`` for ``dotted`` "a.b" (a dict or a ConfigDict); sections a
+    saved config (a dict) lacks are added."""
     *sections, name = dotted.split(".")
     for section in sections:
+        if isinstance(tree, dict) and section not in tree:
+            tree[section] = {}
         tree = tree[section]
     tree[name] = value
 
@@ -810,6 +814,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     primary = distributed.is_primary()
     log = functools.partial(print, file=sys.stderr) if primary else lambda *_: None
     _check_batch_sizes(config)
+    _as_started(config, workdir, log)  # before anything reads the settings it restores
     if config.objective not in ("cross_entropy", "scst"):
         raise TrainingError(f"objective must be cross_entropy or scst, got {config.objective!r}")
     scst_from = first_scst_epoch(config)
@@ -823,7 +828,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     def prepare():
         """What the run reads, built where absent (idempotent and deterministic)."""
         workdir.mkdir(parents=True, exist_ok=True)
-        _as_started(config, workdir, log)
         if config.objective == "scst":
             _start_from_run(config, workdir, log)
         _check_config(config, workdir)

@@ -190,6 +190,12 @@ def test_plateau_cuts_the_rate_and_patience_stops_the_run(scores, scales, stops_
     assert not progress.stopped_early
 
 
+def test_progress_saved_before_the_selection_metric_reads_back():
+    saved = dict(evaluated_epochs=2, best_bleu4=0.5, epochs_since_best=1, epochs_since_cut=1,
+                 stopped_early=False)
+    assert train.Progress.from_saved(saved) == train.Progress(2, 0.5, 1, 1, False)
+
+
 def test_a_run_that_stops_improving_cuts_its_rate_and_stops_early(tmp_path, data_dir):
     """With the learning rate at 0 and BatchNorm's statistics frozen the model never
     changes, so val BLEU-4 never improves after epoch 1."""
@@ -372,20 +378,28 @@ def test_changed_model_config_on_resume_is_a_clear_error(tmp_path, data_dir, cap
 
 def test_a_run_written_before_the_decoder_variants_resumes_and_loads(tmp_path, data_dir,
                                                                      four_steps, capsys):
-    """Its config.json has no per-variant sections and no encoder.batchnorm: the new
-    settings take their defaults, except where the run trained otherwise before them (its
-    encoder's BatchNorm statistics were frozen, and stay so)."""
+    """Its config.json has no per-variant sections, no encoder.batchnorm and no SCST: the
+    new settings take their defaults, except where the run trained otherwise before them
+    (its encoder's BatchNorm statistics were frozen, and stay so; it trained by
+    cross-entropy only and picks its best checkpoint by BLEU-4, whatever today's config
+    says)."""
     workdir = _copy(four_steps, tmp_path, "older")
     config = json.loads((workdir / "config.json").read_text())
     for name in VARIANTS:
         del config["decoder"][name]
-    del config["encoder"]["batchnorm"]
+    del config["encoder"]["batchnorm"], config["scst"], config["objective"]
     (workdir / "config.json").write_text(json.dumps(config))
     run = load_run(workdir)
     assert isinstance(run.model.decoder, SoftAttentionDecoder) and run.model.decoder.fast_path
-    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=5")) == 0
+    assert run.config.scst.from_epoch == -1
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=5",
+                                "--config.scst.from_epoch=0")) == 0
     assert [step for step, _ in _losses(workdir)] == [1, 2, 3, 4, 5]
-    assert "encoder.batchnorm: 'frozen', as the run was started" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "encoder.batchnorm: 'frozen', as the run was started" in err
+    assert "scst.from_epoch: -1, as the run was started" in err
+    assert not any("reward" in json.loads(line)
+                   for line in (workdir / "metrics.jsonl").read_text().splitlines())
     assert json.loads((workdir / "config.json").read_text())["encoder"]["batchnorm"] == "frozen"
     with ocp.StandardCheckpointer() as checkpointer:
         stats = [checkpointer.restore(workdir / "checkpoints" / str(step) / "state")[
