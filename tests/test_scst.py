@@ -3,11 +3,6 @@ reward of every decoder variant, and runs of it start, stop and resume as cross-
 
 import functools
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -17,6 +12,7 @@ from jaxcap import cli, configs, decode, rewards, scst
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import VARIANTS, make_decoder
 from jaxcap.train import init_state, learning_rate_schedule, make_optimizer, train_step
+from tests.killing import kill_after_checkpoint
 
 VOCAB, FEATURES, GRID, IMAGES = 12, 6, 2, 4
 
@@ -158,19 +154,7 @@ def test_scst_resumes_exactly_after_sigkill(tmp_path, data_dir, switching_run):
     switch) to the same losses, rewards and validation scores."""
     workdir = tmp_path / "killed"
     args = _switching_args(workdir, data_dir)
-    process = subprocess.Popen([sys.executable, "-m", "jaxcap.cli", *args],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=dict(os.environ))
-    deadline = time.time() + 300
-    checkpoints = workdir / "checkpoints"
-    while time.time() < deadline and process.poll() is None:
-        if checkpoints.exists() and any(p.name.isdigit() and int(p.name) >= 4
-                                        for p in checkpoints.iterdir()):
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_checkpoint(args, workdir, 4)
     assert cli.main(args) == 0
 
     def trajectory(run):

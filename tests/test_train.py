@@ -5,10 +5,6 @@ import functools
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import flax.jax_utils
@@ -27,6 +23,7 @@ from jaxcap.models.encoder import build_encoder
 from jaxcap.runs import load_run
 from jaxcap.train import (init_state, learning_rate_schedule, make_optimizer,
                           train_step)
+from tests.killing import kill_after_checkpoint
 
 TINY = "tiny"  # jaxcap/configs/tiny.py
 
@@ -247,19 +244,7 @@ def test_run_writes_a_self_describing_directory(uninterrupted):
 
 def test_sigkill_and_restart_reproduce_the_uninterrupted_losses(tmp_path, data_dir, uninterrupted):
     workdir = tmp_path / "killed"
-    env = dict(os.environ)
-    process = subprocess.Popen([sys.executable, "-m", "jaxcap.cli", *_train_args(workdir, data_dir)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 300
-    checkpoints = workdir / "checkpoints"
-    while time.time() < deadline and process.poll() is None:
-        if checkpoints.exists() and any(p.name.isdigit() and int(p.name) >= 8
-                                        for p in checkpoints.iterdir()):
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_checkpoint(_train_args(workdir, data_dir), workdir, 8)
     assert cli.main(_train_args(workdir, data_dir)) == 0
     assert _losses(workdir) == _losses(uninterrupted)
     assert _evals(workdir) == _evals(uninterrupted)
