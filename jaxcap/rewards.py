@@ -159,12 +159,12 @@ def _matches(words, lengths, other, other_lengths, n: int):
 
 
 def _own_counts(words, lengths, n: int):
-    """Per position of each caption: ``(first, tf, inside)``: whether the n-gram there occurs
-    for the first time, how often it occurs in the caption, whether it is inside it."""
+    """Per position of each caption: ``(first, tf)``: whether the n-gram there (inside the
+    caption) occurs for the first time, and how often it occurs in the caption."""
     same, inside = _matches(words, lengths, words, lengths, n)  # (N, L, L)
     earlier = jnp.tril(jnp.ones(same.shape[-2:], bool), k=-1)
     first = inside & ~jnp.any(same & earlier, axis=-1)
-    return first, jnp.sum(same, axis=-1).astype(jnp.float32), inside
+    return first, jnp.sum(same, axis=-1).astype(jnp.float32)
 
 
 def cider_d(words, lengths, references: References, image):
@@ -175,7 +175,7 @@ def cider_d(words, lengths, references: References, image):
     ref_used = jnp.arange(ref_words.shape[1]) < references.count[image][:, None]  # (N, R)
     values = []
     for n in range(1, MAX_N + 1):
-        first, tf, _ = _own_counts(words, lengths, n)
+        first, tf = _own_counts(words, lengths, n)
         idf = references.log_images - jnp.log(jnp.maximum(
             1.0, document_frequency(references, _ngrams(words, n))))  # (N, L)
         weight = jnp.where(first, idf, 0.0)
@@ -201,7 +201,7 @@ def bleu4(words, lengths, references: References, image):
     tiny, small = 1e-15, 1e-9  # pycocoevalcap's
     log_precision = 0.0
     for n in range(1, MAX_N + 1):
-        first, tf, _ = _own_counts(words, lengths, n)
+        first, tf = _own_counts(words, lengths, n)
         in_ref, _ = _matches(words, lengths, ref_words, ref_lengths, n)
         most = jnp.max(jnp.where(ref_used[:, None], jnp.sum(in_ref, axis=-1), 0), axis=-1)
         correct = jnp.sum(jnp.where(first, jnp.minimum(tf, most), 0.0), axis=-1)

@@ -9,7 +9,6 @@ checkpoint with the best validation BLEU-4).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -19,8 +18,8 @@ import numpy as np
 from jaxcap.data.text import Vocabulary
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.encoder import load_encoder
-from jaxcap.train import (Checkpoints, TrainingError, assign, init_state, learning_rate_schedule,
-                          make_model, make_optimizer, selection_metric, settings_as_started)
+from jaxcap.train import (Checkpoints, TrainingError, init_state, learning_rate_schedule,
+                          make_model, make_optimizer, read_saved_config, selection_metric)
 
 
 @dataclasses.dataclass
@@ -43,10 +42,7 @@ def read_run(workdir) -> tuple[Path, ml_collections.ConfigDict, Vocabulary]:
     """``(absolute workdir, config, vocabulary)`` of a run directory."""
     workdir = Path(workdir).expanduser().absolute()
     try:
-        saved = json.loads((workdir / "config.json").read_text())
-        for key, value in settings_as_started(saved).items():
-            assign(saved, key, value)
-        config = ml_collections.ConfigDict(saved)
+        config = ml_collections.ConfigDict(read_saved_config(workdir))
         vocabulary = Vocabulary.load(workdir / "vocabulary.json")
     except FileNotFoundError as error:
         raise TrainingError(f"{workdir} is not a jaxcap run directory ({error.filename} is "

@@ -119,6 +119,14 @@ def assign(tree, dotted: str, value) -> None:
     tree[name] = value
 
 
+def read_saved_config(workdir: Path) -> dict:
+    """A run's ``config.json``, with the ``AS_BEFORE`` settings it predates filled in."""
+    saved = json.loads((workdir / "config.json").read_text())
+    for key, value in settings_as_started(saved).items():
+        assign(saved, key, value)
+    return saved
+
+
 def _as_started(config: ml_collections.ConfigDict, workdir: Path, log) -> None:
     path = workdir / "config.json"
     if path.exists():
@@ -168,16 +176,15 @@ def _start_from_run(config: ml_collections.ConfigDict, workdir: Path, log) -> Pa
         run = scst.check_init_run(config.init_from, workdir)
     except scst.InitError as error:
         raise TrainingError(str(error)) from None
-    saved = json.loads((run / "config.json").read_text())
-    for key, value in settings_as_started(saved).items():
-        assign(saved, key, value)
+    saved = read_saved_config(run)
+    given = json.loads(config.to_json_best_effort())
     for key in INHERITED_KEYS:
         value = _lookup(saved, key)
         if value is None:
             continue
-        value = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
-        if _lookup(json.loads(config.to_json_best_effort()), key) != _lookup(saved, key):
+        if _lookup(given, key) != value:
             log(f"{key}: as in {run} (the run SCST starts from)")
+        value = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
         with config.ignore_type():
             assign(config, key, value)
     scst.copy_run_files(run, workdir)
@@ -999,8 +1006,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _initial_scst_state(state: TrainState, run: Path, tx, keep: int, log) -> TrainState:
     """The state SCST starts from: the best parameters (and statistics) of ``run``, a new
     optimizer, step 0."""
-    saved = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
-    source = Checkpoints(run, keep, selection_metric(saved)[0])
+    source = Checkpoints(run, keep,
+                         selection_metric(ml_collections.ConfigDict(read_saved_config(run)))[0])
     try:
         best = source.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
     finally:
