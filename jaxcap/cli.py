@@ -76,7 +76,8 @@ def _add_prepare(subparsers) -> None:
         epilog="examples:\n"
                "  jaxcap prepare flickr8k --manual-dir ~/data/Flickr8k --data-dir ~/tensorflow_datasets\n"
                "  jaxcap prepare coco --manual-dir ~/data/coco --lenient\n"
-               "  jaxcap prepare shapes --num-train 20000",
+               "  jaxcap prepare shapes --num-train 20000\n"
+               "  jaxcap prepare shapes --backgrounds photos --export-flickr8k ~/data/shapes8k",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=("flickr8k", "flickr30k", "coco", "shapes"))
     parser.add_argument("--manual-dir", help="where the downloaded files are")
@@ -89,6 +90,12 @@ def _add_prepare(subparsers) -> None:
     shapes = parser.add_argument_group("shapes")
     for name in ("seed", "image_size", "num_train", "num_val", "num_test", "num_novel"):
         shapes.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name)
+    shapes.add_argument("--backgrounds", choices=("texture", "photos"),
+                        help="synthetic textures (default) or crops of real photos")
+    shapes.add_argument("--export-flickr8k", metavar="DIR",
+                        help="write the dataset to DIR in the official Flickr8k layout (with "
+                             "objects.json) instead of building it, for --config.dataset.name="
+                             "flickr8k --config.dataset.manual_dir=DIR")
     parser.set_defaults(module="jaxcap.data.builders")
 
 

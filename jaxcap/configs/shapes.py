@@ -15,7 +15,8 @@ def get_config():
     c = base_config()
     c.dataset.name = "shapes"
     c.dataset.shapes = ml_collections.ConfigDict(dict(
-        seed=0, image_size=128, num_train=6000, num_val=500, num_test=500, num_novel=500))
+        seed=0, image_size=128, num_train=6000, num_val=500, num_test=500, num_novel=500,
+        backgrounds="texture"))  # or "photos": the same scenes on crops of real photographs
     c.text.min_count = 1
     c.text.max_length = 18
     # The in-graph encoder's cost does not depend on caption length, so bucketing

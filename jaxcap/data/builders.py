@@ -123,7 +123,8 @@ class _CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                                 "(use lenient mode to skip such entries)")
                     unreadable += 1
                     continue
-                yield example.image_id, _record(data, example.image_id, example.captions)
+                yield example.image_id, _record(data, example.image_id, example.captions,
+                                                example.objects)
         if unreadable:
             print(f"{self.name}: skipped {unreadable} unusable images (lenient mode)", file=sys.stderr)
 
@@ -178,8 +179,8 @@ class KarpathyCaptions(_CaptionBuilder, skip_registration=True):
         "(Flicker8k_Dataset/, flickr30k-images/, or COCO's train2014/ and val2014/).")
 
     def _split_generators(self, dl_manager):
-        result = readers.read_karpathy(Path(dl_manager.manual_dir), self.builder_config.name,
-                                       strict=self.strict)
+        result = readers.read(Path(dl_manager.manual_dir), "karpathy", strict=self.strict,
+                              dataset=self.builder_config.name)
         return self._from_reader(result)
 
 
@@ -256,6 +257,12 @@ def main(args) -> int:
     spec = shapes.ShapesSpec(**{k: v for k, v in vars(args).items()
                                if k in {f.name for f in dataclasses.fields(shapes.ShapesSpec)}
                                and v is not None})
+    if args.export_flickr8k:
+        if args.dataset != "shapes":
+            raise readers.DataError("--export-flickr8k writes the shapes dataset only")
+        root = shapes.export_flickr8k_layout(spec, Path(args.export_flickr8k).expanduser())
+        print(f"shapes ({spec.backgrounds} backgrounds) in the Flickr8k layout in {root}")
+        return 0
     built = prepare(args.dataset, args.data_dir, args.manual_dir, spec=spec,
                     strict=not args.lenient, split_seed=args.split_seed)
     sizes = split_sizes(built)

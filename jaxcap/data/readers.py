@@ -16,6 +16,13 @@ Layouts:
   ``dataset_coco.json`` (``images[].filename``, ``.filepath`` for COCO,
   ``.split`` with ``restval`` folded into train, ``.sentences[].raw``).
 
+Any layout may carry ``objects.json`` beside its captions: the objects each
+image shows, for grounded evaluation (content accuracy, object precision and
+recall, attention correctness): ``{"IMAGE.jpg": [{"colour": "red", "shape":
+"circle", "size": "small", "box": [ymin, xmin, ymax, xmax]}, ...], ...}``,
+boxes in 0..1 of the image (``jaxcap prepare shapes --export-flickr8k`` writes
+one). With it, every image of the dataset needs its entry.
+
 Data mistakes (malformed lines, bytes that are not UTF-8, duplicate ids, split
 lists naming unknown images, missing image files, JSON of the wrong shape) are
 a ``DataError`` naming the file and line in strict mode, or skipped and
@@ -44,6 +51,7 @@ OFFICIAL_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.
 OFFICIAL_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset")
 KAGGLE_CAPTIONS = "captions.txt"
 KAGGLE_IMAGE_DIR = "Images"
+OBJECTS_FILE = "objects.json"
 KARPATHY_FILES = {"flickr8k": "dataset_flickr8k.json", "flickr30k": "dataset_flickr30k.json",
                   "coco": "dataset_coco.json"}
 KARPATHY_IMAGE_DIRS = {"flickr8k": OFFICIAL_IMAGE_DIRS + (KAGGLE_IMAGE_DIR,),
@@ -62,6 +70,7 @@ class Example:
     path: Path
     split: str
     captions: list[str]
+    objects: list[dict] = dataclasses.field(default_factory=list)  # from objects.json
 
 
 @dataclasses.dataclass
@@ -282,12 +291,7 @@ def read_karpathy(root: Path, dataset: str | None = None, strict: bool = True) -
     if not found:
         raise DataError(f"{root}: no {' or '.join(KARPATHY_FILES[d] for d in names)} found")
     dataset, json_path = found[0]
-    try:
-        data = json.loads(json_path.read_text(encoding="utf8"))
-    except UnicodeDecodeError as error:
-        raise DataError(f"{json_path}: not UTF-8 text (byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{json_path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    data = _read_json(json_path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise _json_error(json_path, "the top level", "an object with an 'images' list")
     image_dirs = [root / d for d in KARPATHY_IMAGE_DIRS[dataset]]
@@ -335,15 +339,77 @@ def read_karpathy(root: Path, dataset: str | None = None, strict: bool = True) -
     return ReadResult(splits, "karpathy", problems.skipped, dropped)
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf8"))
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+
+
+def _object(entry) -> dict | None:
+    """One object of ``objects.json`` in the builders' form, or None if it is malformed."""
+    if not isinstance(entry, dict):
+        return None
+    colour, shape, size, box = (entry.get(k) for k in ("colour", "shape", "size", "box"))
+    if not (isinstance(colour, str) and isinstance(shape, str) and isinstance(size, (str, type(None)))
+            and isinstance(box, list) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        return None
+    ymin, xmin, ymax, xmax = (float(v) for v in box)
+    if not (0 <= ymin < ymax <= 1 and 0 <= xmin < xmax <= 1):
+        return None
+    return {"colour": colour, "shape": shape, "size": size or "", "box": [ymin, xmin, ymax, xmax]}
+
+
+def _attach_objects(result: ReadResult, path: Path, problems: _Problems) -> None:
+    """Gives every example its objects from ``path``; an image without a well-formed entry
+    is a data mistake (lenient: left out of its split, and counted)."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise _json_error(path, "the top level", "an object keyed by image name")
+    known = set()
+    for split, examples in result.splits.items():
+        kept = []
+        for example in examples:
+            known.add(example.image_id)
+            entry = data.get(example.image_id)
+            if entry is None:
+                problems(str(path), f"no entry for image {example.image_id}",
+                         "images without objects")
+                continue
+            objects = [_object(o) for o in entry] if isinstance(entry, list) else [None]
+            if None in objects:
+                problems(f"{path}: {example.image_id!r}", "should be a list of objects with "
+                         "string colour and shape, optional string size, and box [ymin, xmin, "
+                         "ymax, xmax] within 0..1", "malformed objects")
+                continue
+            example.objects = objects
+            kept.append(example)
+        result.splits[split] = kept
+    result.skipped.update(problems.skipped)
+    if unknown := len(set(data) - known):
+        result.dropped["objects of images not in the dataset"] += unknown
+
+
 def read(root: str | os.PathLike, layout: str | None = None, strict: bool = True,
-         seed: int = 0) -> ReadResult:
-    """Reads ``root`` in ``layout`` (detected when None)."""
+         seed: int = 0, dataset: str | None = None) -> ReadResult:
+    """Reads ``root`` in ``layout`` (detected when None), with its ``objects.json`` if any;
+    ``dataset`` chooses the Karpathy file (found from the file name when None)."""
     root = Path(root)
     layout = layout or detect_layout(root)
     if layout == "official":
-        return read_official(root, strict)
-    if layout == "kaggle":
-        return read_kaggle(root, strict, seed)
-    if layout == "karpathy":
-        return read_karpathy(root, strict=strict)
-    raise DataError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+        result = read_official(root, strict)
+    elif layout == "kaggle":
+        result = read_kaggle(root, strict, seed)
+    elif layout == "karpathy":
+        result = read_karpathy(root, dataset, strict)
+    else:
+        raise DataError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    objects_file = _find(root, OBJECTS_FILE)
+    if objects_file is not None:
+        _attach_objects(result, objects_file, _Problems(strict))
+    return result

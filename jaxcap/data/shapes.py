@@ -2,7 +2,10 @@
 
 Photo-like scenes (textured, noisy, unevenly lit backgrounds; anti-aliased
 objects with sensor noise) of 1 to 3 objects drawn from 6 colours x 5 shapes x
-2 sizes at free positions. Each image has 5 reference captions from varied
+2 sizes at free positions. With ``backgrounds="photos"`` the same objects and
+captions lie on crops of real photographs (the ones bundled in
+``jaxcap/data/samples``) instead: clutter, edges and saturated colours of
+their own, which a model has to look past. Each image has 5 reference captions from varied
 templates naming attributes, counts and spatial relations, and full grounding:
 every object's box, and for every caption the object each word refers to.
 
@@ -18,11 +21,17 @@ dataset is rebuilt bit for bit anywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.resources
 import io
+import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from jaxcap.data.readers import (OBJECTS_FILE, OFFICIAL_IMAGE_DIRS, OFFICIAL_SPLIT_FILES,
+                                 OFFICIAL_TOKEN_FILE)
 
 COLOURS = {
     "red": (215, 35, 35), "green": (35, 160, 55), "blue": (35, 75, 215),
@@ -33,6 +42,7 @@ PLURALS = {shape: shape + "s" for shape in SHAPES}
 SIZES = {"small": 0.2, "large": 0.34}  # side of the object's box, as a fraction of the image
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 SPLITS = ("train", "val", "test", "novel")
+BACKGROUNDS = {"texture": "on a textured background", "photos": "on a photo"}
 NOT_GROUNDED = -1
 
 
@@ -48,6 +58,7 @@ class ShapesSpec:
     num_novel: int = 500
     num_held_out_pairs: int = 4
     captions_per_image: int = 5
+    backgrounds: str = "texture"  # or "photos"
 
     def count(self, split: str) -> int:
         return getattr(self, f"num_{split}")
@@ -103,8 +114,32 @@ def _outline(shape: str, box: np.ndarray, scale: float):
     return "polygon", [(cx + q * np.cos(a), cy + q * np.sin(a)) for q, a in zip(radii, angles)]
 
 
-def _draw(rng, size: int, objects: list[dict]) -> np.ndarray:
-    canvas = _background(rng, size)
+@functools.cache
+def _photos() -> tuple[np.ndarray, ...]:
+    """The photographs bundled with jaxcap (``data/samples``), in name order."""
+    folder = importlib.resources.files("jaxcap.data") / "samples"
+    paths = sorted((p for p in folder.iterdir() if p.name.endswith(".jpg")), key=lambda p: p.name)
+    return tuple(np.asarray(Image.open(io.BytesIO(p.read_bytes())).convert("RGB"))
+                 for p in paths)
+
+
+def _photo_background(rng, size: int) -> np.ndarray:
+    """A random square crop (35-100% of the shorter side) of a bundled photo, maybe mirrored."""
+    photos = _photos()
+    photo = photos[int(rng.integers(len(photos)))]
+    height, width = photo.shape[:2]
+    side = int(rng.uniform(0.35, 1.0) * min(height, width))
+    y, x = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+    crop = Image.fromarray(photo[y:y + side, x:x + side]).resize(
+        (size, size), Image.Resampling.BICUBIC)
+    canvas = np.asarray(crop, np.float32)
+    if rng.random() < 0.5:
+        canvas = canvas[:, ::-1]
+    return canvas + rng.normal(0, 3, canvas.shape)
+
+
+def _draw(rng, size: int, objects: list[dict], backgrounds: str) -> np.ndarray:
+    canvas = _photo_background(rng, size) if backgrounds == "photos" else _background(rng, size)
     supersample = 4
     for obj in objects:
         mask = Image.new("L", (size * supersample, size * supersample), 0)
@@ -205,14 +240,15 @@ def _counts(objects: list[dict]) -> list[tuple[str, int]]:
     return words
 
 
-def _templates(objects: list[dict]) -> list[list[tuple[str, int]]]:
+def _templates(objects: list[dict], backgrounds: str) -> list[list[tuple[str, int]]]:
     o = objects
+    background = BACKGROUNDS[backgrounds]
     if len(o) == 1:
         return [
             _np(0, o[0], size=True),
             _np(0, o[0]),
             _plain("there is") + _np(0, o[0]) + _plain("in the picture"),
-            _plain("one") + _np(0, o[0], size=True)[1:] + _plain("on a textured background"),
+            _plain("one") + _np(0, o[0], size=True)[1:] + _plain(background),
             _np(0, o[0]) + _plain(_position(o[0])),
             _plain("a single") + _np(0, o[0], size=True)[1:],
         ]
@@ -226,7 +262,7 @@ def _templates(objects: list[dict]) -> list[list[tuple[str, int]]]:
             _plain("two shapes") + _np(0, o[0]) + _plain("and") + _np(1, o[1]),
             (_np(top, o[top]) + _plain("above") + _np(1 - top, o[1 - top]) if vertical
              else _np(1, o[1], size=True) + _plain("next to") + _np(0, o[0], size=True)),
-            _counts(o) + _plain("on a textured background"),
+            _counts(o) + _plain(background),
         ]
     if vertical:
         top, _ = vertical
@@ -246,8 +282,9 @@ def _templates(objects: list[dict]) -> list[list[tuple[str, int]]]:
     ]
 
 
-def _captions(rng, objects: list[dict], count: int) -> tuple[list[str], list[list[int]]]:
-    templates = _templates(objects)
+def _captions(rng, objects: list[dict], count: int, backgrounds: str
+              ) -> tuple[list[str], list[list[int]]]:
+    templates = _templates(objects, backgrounds)
     chosen = rng.permutation(len(templates))[:count]
     captions = [" ".join(w for w, _ in templates[i]) for i in chosen]
     grounding = [[g for _, g in templates[i]] for i in chosen]
@@ -255,11 +292,15 @@ def _captions(rng, objects: list[dict], count: int) -> tuple[list[str], list[lis
 
 
 def scene(spec: ShapesSpec, split: str, index: int) -> Scene:
-    """Scene ``index`` of ``split``: a pure function of the spec."""
+    """Scene ``index`` of ``split``: a pure function of the spec. Both kinds of background
+    give the same objects and the same caption templates (drawn before the background)."""
+    if spec.backgrounds not in BACKGROUNDS:
+        raise ValueError(f"shapes backgrounds must be one of {sorted(BACKGROUNDS)}, "
+                         f"got {spec.backgrounds!r}")
     rng = np.random.default_rng([spec.seed, SPLITS.index(split), index])
     objects = _pick_objects(rng, split, held_out_pairs(spec))
-    captions, grounding = _captions(rng, objects, spec.captions_per_image)
-    image = _draw(rng, spec.image_size, objects)
+    captions, grounding = _captions(rng, objects, spec.captions_per_image, spec.backgrounds)
+    image = _draw(rng, spec.image_size, objects, spec.backgrounds)
     return Scene(f"shapes_{split}_{index:06d}.jpg", image, objects, captions, grounding)
 
 
@@ -275,27 +316,22 @@ def encode_jpeg(image: np.ndarray) -> bytes:
 
 
 def export_flickr8k_layout(spec: ShapesSpec, root: str | Path) -> Path:
-    """Writes the dataset in the official Flickr8k layout (plus a novel split list).
-
-    Grounding goes beside it in ``shapes_grounding.json``, keyed by image name.
-    """
-    import json
-
-    from jaxcap.data.readers import OFFICIAL_IMAGE_DIRS, OFFICIAL_SPLIT_FILES, OFFICIAL_TOKEN_FILE
-
+    """Writes the dataset in the official Flickr8k layout, with a list of the ``novel`` split
+    beside the others and each image's objects in ``objects.json`` (which the readers take
+    up, so that grounded metrics work on the dataset read as Flickr8k)."""
     root = Path(root)
     images = root / OFFICIAL_IMAGE_DIRS[0]
     images.mkdir(parents=True, exist_ok=True)
     split_files = dict(OFFICIAL_SPLIT_FILES, novel="Flickr_8k.novelImages.txt")
-    tokens, lists, grounding = [], {split: [] for split in SPLITS}, {}
+    tokens, lists, objects = [], {split: [] for split in SPLITS}, {}
     for split in SPLITS:
         for item in scenes(spec, split):
             (images / item.image_id).write_bytes(encode_jpeg(item.image))
             tokens += [f"{item.image_id}#{k}\t{c}" for k, c in enumerate(item.captions)]
             lists[split].append(item.image_id)
-            grounding[item.image_id] = dict(objects=item.objects, grounding=item.grounding)
+            objects[item.image_id] = item.objects
     (root / OFFICIAL_TOKEN_FILE).write_text("\n".join(tokens) + "\n", encoding="utf8")
     for split, names in lists.items():
         (root / split_files[split]).write_text("".join(f"{n}\n" for n in names), encoding="utf8")
-    (root / "shapes_grounding.json").write_text(json.dumps(grounding), encoding="utf8")
+    (root / OBJECTS_FILE).write_text(json.dumps(objects), encoding="utf8")
     return root

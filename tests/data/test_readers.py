@@ -1,5 +1,6 @@
 """Readers for each layout, their quirks, and every kind of data mistake."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -150,3 +151,45 @@ def test_karpathy_mistakes(copy_of):
     with pytest.raises(DataError, match=r"images\[3\]: image file 1003163366_44323f5815.jpg not found"):
         readers.read(root)
     assert readers.read(root, strict=False).skipped == {"missing image files": 1}
+
+
+def _write_objects(root, objects):
+    (root / readers.OBJECTS_FILE).write_text(json.dumps(objects))
+
+
+def test_objects_json_gives_every_image_its_objects_in_any_layout(copy_of):
+    red_circle = {"colour": "red", "shape": "circle", "size": "small",
+                  "box": [0.1, 0.2, 0.3, 0.4]}
+    for layout in ("official", "kaggle", "karpathy_flickr8k"):
+        root = copy_of(layout)
+        names = [e.image_id for examples in readers.read(root).splits.values() for e in examples]
+        _write_objects(root, {**{n: [red_circle] * (i % 3) for i, n in enumerate(names)},
+                              "elsewhere.jpg": [red_circle]})
+        result = readers.read(root)
+        got = {e.image_id: e.objects for examples in result.splits.values() for e in examples}
+        assert got == {n: [red_circle] * (i % 3) for i, n in enumerate(names)}
+        assert result.dropped["objects of images not in the dataset"] == 1
+
+
+def test_objects_json_mistakes(copy_of):
+    root = copy_of("official")
+    names = [e.image_id for examples in readers.read(root).splits.values() for e in examples]
+    good = {"colour": "red", "shape": "circle", "box": [0.1, 0.2, 0.3, 0.4]}
+    (root / readers.OBJECTS_FILE).write_text('{"a": [\n  }')
+    with pytest.raises(DataError, match=r"objects.json:2: not valid JSON"):
+        readers.read(root)
+    _write_objects(root, [good])
+    with pytest.raises(DataError, match="objects.json: the top level should be an object"):
+        readers.read(root)
+    _write_objects(root, {n: [good] for n in names[1:]})
+    with pytest.raises(DataError, match=f"objects.json: no entry for image {names[0]}"):
+        readers.read(root)
+    for bad in ({**good, "box": [0.3, 0.2, 0.1, 0.4]}, {**good, "box": [0, 0, 1, 1.5]},
+                {**good, "colour": 3}, {"shape": "circle", "box": [0, 0, 1, 1]}, "red circle"):
+        _write_objects(root, {n: [good, bad] if n == names[1] else [good] for n in names})
+        with pytest.raises(DataError, match=f"objects.json: '{names[1]}': should be a list"):
+            readers.read(root)
+    # Lenient: the image is left out of its split and counted.
+    result = readers.read(root, strict=False)
+    assert sum(result.sizes().values()) == len(names) - 1
+    assert result.skipped == {"malformed objects": 1}

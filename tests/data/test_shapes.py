@@ -94,11 +94,38 @@ def test_deterministic_from_the_seed():
     assert not np.array_equal(a.image, other.image)
 
 
-def test_export_to_the_official_flickr8k_layout(tmp_path):
-    spec = shapes.ShapesSpec(seed=1, num_train=6, num_val=2, num_test=2, num_novel=2)
+def test_photo_backgrounds_keep_the_objects_and_captions(all_scenes):
+    spec = shapes.ShapesSpec(seed=5, backgrounds="photos")
+    size = spec.image_size
+    for index, texture in enumerate(all_scenes["train"][:30]):
+        photo = shapes.scene(spec, "train", index)
+        assert photo.objects == texture.objects
+        assert photo.captions == [c.replace("on a textured background", "on a photo")
+                                  for c in texture.captions]
+        for obj in photo.objects:  # the object is drawn over the photo in its colour
+            ymin, xmin, ymax, xmax = np.asarray(obj["box"]) * size
+            cy, cx = int((ymin + ymax) / 2), int((xmin + xmax) / 2)
+            patch = photo.image[cy - 1: cy + 2, cx - 1: cx + 2].reshape(-1, 3).mean(axis=0)
+            assert _nearest_colour(patch)[0] == obj["colour"], (photo.image_id, obj, patch)
+    # The background is a photo: far from the synthetic texture, and not one photo only.
+    photos = [shapes.scene(spec, "val", i).image for i in range(12)]
+    textures = [s.image for s in all_scenes["val"][:12]]
+    assert all(np.abs(p.astype(int) - t).mean() > 20 for p, t in zip(photos, textures))
+    corners = {tuple(p[:4, :4].reshape(-1, 3).mean(axis=0).round(-1)) for p in photos}
+    assert len(corners) > 6
+    with pytest.raises(ValueError, match="backgrounds must be one of"):
+        shapes.scene(shapes.ShapesSpec(backgrounds="sky"), "train", 0)
+
+
+def test_export_to_the_official_flickr8k_layout_with_objects(tmp_path):
+    spec = shapes.ShapesSpec(seed=1, num_train=6, num_val=2, num_test=2, num_novel=2,
+                             backgrounds="photos")
     shapes.export_flickr8k_layout(spec, tmp_path)
     result = readers.read(tmp_path)
     assert result.layout == "official"
     assert result.sizes() == {"train": 6, "val": 2, "test": 2}
     assert (tmp_path / "Flickr_8k.novelImages.txt").read_text().count("\n") == 2
-    assert result.splits["train"][0].captions == shapes.scene(spec, "train", 0).captions
+    first, scene = result.splits["train"][0], shapes.scene(spec, "train", 0)
+    assert first.captions == scene.captions
+    assert first.objects == scene.objects  # from objects.json
+    assert +result.dropped == {"objects of images not in the dataset": 2}  # the novel split
