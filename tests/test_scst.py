@@ -34,6 +34,12 @@ def _references():
                                      for i in range(IMAGES)])
 
 
+# Training 100 steps costs a compilation per variant: the reward rises for one LSTM with
+# soft attention, hard attention (sampled regions, expected context in inference mode) and
+# the transformer (with the other baseline); the LSTM variants between them share soft's path.
+RAISED = ("soft", "hard", "transformer")
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_scst_samples_what_it_differentiates_and_raises_the_reward(variant, rng):
     baseline = "mean" if variant == "transformer" else "greedy"  # both baselines run
@@ -55,6 +61,8 @@ def test_scst_samples_what_it_differentiates_and_raises_the_reward(variant, rng)
     np.testing.assert_allclose(
         model.apply(variables, features, tokens, method=scst.caption_log_probability),
         scores, rtol=1e-4, atol=1e-4)
+    if variant not in RAISED:
+        return
 
     step = jax.jit(jax.vmap(functools.partial(train_step, model=model, tx=tx,
                                               objective=objective),
@@ -79,7 +87,7 @@ def _train_args(workdir, data_dir, *extra):
 
 def _scst_args(workdir, data_dir, init_from, *extra):
     return _train_args(workdir, data_dir, "--config.objective=scst",
-                       f"--config.init_from={init_from}", "--config.num_epochs=2",
+                       f"--config.init_from={init_from}", "--config.num_epochs=1",
                        "--config.scst.samples=2", *extra)
 
 
@@ -116,13 +124,12 @@ def test_an_scst_run_continues_the_init_run_and_selects_by_cider(scst_run, cross
     assert (scst_run / "encoder" / "metadata.json").exists()
     records = _records(scst_run)
     steps = [r for r in records if "reward" in r]
-    assert [r["step"] for r in steps] == list(range(1, 13))  # its own steps, from 0
+    assert [r["step"] for r in steps] == list(range(1, 7))  # its own steps, from 0
     assert all(np.isfinite(r["reward"]) and np.isfinite(r["greedy_reward"]) for r in steps)
     validations = [r for r in records if "val_loss" in r]
-    assert [r["epoch"] for r in validations] == [1, 2]
-    assert all("best_cider" in r and "cider" in r for r in validations)
-    best = max(r["cider"] for r in validations)
-    assert validations[-1]["best_cider"] == best
+    assert [r["epoch"] for r in validations] == [1]
+    assert validations[0]["best_cider"] == validations[0]["cider"]
+    assert [p.name for p in (scst_run / "best").iterdir()] == ["6"]
 
 
 def _switching_args(workdir, data_dir):
