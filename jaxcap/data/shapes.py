@@ -5,9 +5,10 @@ objects with sensor noise) of 1 to 3 objects drawn from 6 colours x 5 shapes x
 2 sizes at free positions. With ``backgrounds="photos"`` the same objects and
 captions lie on crops of real photographs (the ones bundled in
 ``jaxcap/data/samples``) instead: clutter, edges and saturated colours of
-their own, which a model has to look past. Each image has 5 reference captions from varied
-templates naming attributes, counts and spatial relations, and full grounding:
-every object's box, and for every caption the object each word refers to.
+their own, which a model has to look past. Each image has 5 reference
+captions from varied templates naming attributes, counts and spatial
+relations, and full grounding: every object's box, and for every caption the
+object each word refers to.
 
 Splits: ``train``, ``val`` and ``test`` use the same colour-shape pairs;
 ``novel`` shows at least one pair that never occurs in the other splits (held
@@ -306,10 +307,12 @@ def scene(spec: ShapesSpec, split: str, index: int) -> Scene:
     return Scene(f"shapes_{split}_{index:06d}.jpg", image, objects, captions, grounding)
 
 
-def scenes(spec: ShapesSpec, split: str, threads: int = 1, chunk: int = 256):
+def scenes(spec: ShapesSpec, split: str, threads: int | None = None, chunk: int = 256):
     """The scenes of ``split`` in index order. Each is a pure function of its index, so
-    ``threads`` draw them side by side (PIL and numpy release the GIL while they draw:
-    7,500 default scenes take 32 s on 2 threads against 52 s on one), ``chunk`` at a time."""
+    ``threads`` (default: one per core) draw them side by side (PIL and numpy release the
+    GIL while they draw: 7,500 default scenes take 32 s on 2 threads against 52 s on one),
+    ``chunk`` at a time."""
+    threads = threads or os.cpu_count() or 1
     draw = functools.partial(scene, spec, split)
     if threads <= 1:
         yield from map(draw, range(spec.count(split)))
@@ -335,7 +338,7 @@ def export_flickr8k_layout(spec: ShapesSpec, root: str | Path) -> Path:
     split_files = dict(OFFICIAL_SPLIT_FILES, novel="Flickr_8k.novelImages.txt")
     tokens, lists, objects = [], {split: [] for split in SPLITS}, {}
     for split in SPLITS:
-        for item in scenes(spec, split, threads=os.cpu_count() or 1):
+        for item in scenes(spec, split):
             (images / item.image_id).write_bytes(encode_jpeg(item.image))
             tokens += [f"{item.image_id}#{k}\t{c}" for k, c in enumerate(item.captions)]
             lists[split].append(item.image_id)
