@@ -213,8 +213,8 @@ class Shapes(_CaptionBuilder, skip_registration=True):
                 if spec.count(split)}
 
     def _generate_scenes(self, spec, split):
-        for scene in shapes.scenes(spec, split):
-            yield scene.image_id, _record(shapes.encode_jpeg(scene.image), scene.image_id,
+        for scene, jpeg in shapes.encoded_scenes(spec, split):
+            yield scene.image_id, _record(jpeg, scene.image_id,
                                           scene.captions, scene.objects, scene.grounding)
 
 

@@ -1,5 +1,8 @@
 """The shapes dataset: captions agree with the pixels, grounding, splits, determinism."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 
@@ -88,10 +91,40 @@ def test_variety_of_counts_sizes_and_templates(all_scenes):
 
 def test_threads_draw_the_same_scenes_in_the_same_order():
     one = list(shapes.scenes(SPEC, "train", threads=1))
-    drawn = list(shapes.scenes(SPEC, "train", threads=3, chunk=16))
+    drawn = list(shapes.scenes(SPEC, "train", threads=3, ahead=16))
     assert [s.image_id for s in drawn] == [s.image_id for s in one]
     assert all(np.array_equal(a.image, b.image) and a.captions == b.captions
                for a, b in zip(drawn, one))
+
+
+# sha256 of the first 25 scenes of each split of the default spec (pixels, then the JSON of
+# id, objects, captions and grounding), as drawn when the README's figures were measured.
+DEFAULT_SCENES = {
+    "texture": "b537c108a706a9e7d0874b5ad95d0d0e85475c0c3eec56ce19231743a5b8421c",
+    "photos": "87e9fa449afafb611b10ad05a09f83b1e16f4a4c8dd379acd702694b7497a105",
+}
+
+
+@pytest.mark.parametrize("backgrounds", sorted(DEFAULT_SCENES))
+def test_default_scenes_are_those_the_figures_came_from(backgrounds):
+    # Drawing may be made faster, never different: every figure measured on shapes
+    # depends on these pixels.
+    spec = shapes.ShapesSpec(backgrounds=backgrounds)
+    digest = hashlib.sha256()
+    for split in shapes.SPLITS:
+        for index in range(25):
+            drawn = shapes.scene(spec, split, index)
+            digest.update(drawn.image.tobytes())
+            digest.update(json.dumps([drawn.image_id, drawn.objects, drawn.captions,
+                                      drawn.grounding]).encode())
+    assert digest.hexdigest() == DEFAULT_SCENES[backgrounds]
+
+
+def test_encoded_scenes_are_the_scenes_with_their_jpeg_files():
+    encoded = list(shapes.encoded_scenes(SPEC, "val", threads=2, ahead=4))
+    assert [s.image_id for s, _ in encoded] == [s.image_id for s in shapes.scenes(SPEC, "val")]
+    for drawn, jpeg in encoded[:3]:
+        assert jpeg == shapes.encode_jpeg(drawn.image)
 
 
 def test_deterministic_from_the_seed():
