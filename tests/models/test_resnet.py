@@ -1,11 +1,13 @@
 """The ResNet family: shapes, parameter counts and pooling."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcap.models.resnet import ResNet, adaptive_avg_pool, output_channels, output_size
+from jaxcap.models.resnet import (ResNet, adaptive_avg_pool, max_pool, output_channels,
+                                  output_size)
 
 
 def _shapes(module, size):
@@ -56,3 +58,30 @@ def test_bad_configuration_is_refused():
         ResNet(depth=42).init(jax.random.PRNGKey(0), images)
     with pytest.raises(ValueError, match="variant must be one of"):
         ResNet(variant="v2").init(jax.random.PRNGKey(0), images)
+
+
+@pytest.mark.parametrize("shape,window,stride,pad", [
+    ((2, 32, 32, 8), 3, 2, 1),  # ResNet's pool
+    ((3, 9, 11, 3), 3, 2, 1),  # odd sizes: the last window is cut by the padding
+    ((2, 8, 8, 4), 2, 2, 0),
+    ((1, 7, 7, 2), 3, 1, 1),  # stride 1: each input in up to nine windows
+])
+@pytest.mark.parametrize("values", ["normal", "ties"])
+def test_max_pool_is_flax_max_pool_bit_for_bit_both_ways(shape, window, stride, pad, values, rng):
+    # "ties": small integers, so most windows hold their maximum twice or more and the
+    # gradient must go where XLA's select-and-scatter sends it.
+    x = jnp.asarray(rng.normal(size=shape) if values == "normal"
+                    else rng.integers(-2, 3, shape), jnp.float32)
+
+    def flax_pool(x):
+        return nn.max_pool(x, (window, window), (stride, stride), ((pad, pad), (pad, pad)))
+
+    def ours(x):
+        return max_pool(x, window, stride, pad)
+
+    expected, flax_vjp = jax.vjp(flax_pool, x)
+    pooled, our_vjp = jax.vjp(ours, x)
+    grad = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+    np.testing.assert_array_equal(pooled, expected)
+    np.testing.assert_array_equal(jax.jit(lambda g: our_vjp(g)[0])(grad),
+                                  jax.jit(lambda g: flax_vjp(g)[0])(grad))
