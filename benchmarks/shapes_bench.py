@@ -13,6 +13,10 @@ jaxcap's soft decoder uses for its context gates in float32. The bfloat16
 rows (inputs bfloat16, products accumulated in float32) show what CPUs with
 AVX-512 BF16/AMX can do with the opt-in precision.
 
+Importing jaxcap keeps XLA's CPU convolutions on XLA's own kernels (not
+YNNPACK's; ``jaxcap.CPU_CONVOLUTION_FLAG``); to time YNNPACK's instead, run with
+``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution``.
+
     python benchmarks/shapes_bench.py [--repetitions 5]
 
 The last line printed is one JSON object of the figures: per row, XLA's and
@@ -59,6 +63,13 @@ CONVOLUTIONS = [
     ("stage 3 3x3", 8, 14, 256, 256, 3, 1),
     ("stage 4 1x1 reduce", 8, 7, 2048, 512, 1, 1),
 ]
+# The shapes default's encoder (ResNet-18 to stage 2 at 64x64, batch 32), trained end to
+# end: each convolution forwards and its weight gradient.
+TRAINED_CONVOLUTIONS = [
+    ("shapes stem 7x7/2", 32, 64, 3, 64, 7, 2),
+    ("shapes stage 1 3x3", 32, 16, 64, 64, 3, 1),
+    ("shapes stage 2 3x3", 32, 8, 128, 128, 3, 1),
+]
 
 
 def product_row(name, m, k, n, form, dtype, repetitions):
@@ -99,34 +110,52 @@ def product_row(name, m, k, n, form, dtype, repetitions):
     return dict(name=f"{name} ({m}x{k}x{n} {form})", dtype=dtype, **gflops)
 
 
-def convolution_row(name, batch, size, cin, cout, kernel, stride, repetitions):
+def convolution_row(name, batch, size, cin, cout, kernel, stride, repetitions,
+                    weight_gradient=False):
+    """A convolution forwards, or (``weight_gradient``) the gradient of its weights
+    given the output's (in PyTorch, ``torch.nn.grad.conv2d_weight``)."""
     import torch
 
     rng = np.random.default_rng(0)
+    pad = kernel // 2
+    out = (size + 2 * pad - kernel) // stride + 1
     images = rng.standard_normal((batch, size, size, cin), np.float32)
     weights = rng.standard_normal((kernel, kernel, cin, cout), np.float32)
-    pad = kernel // 2
+    grads = rng.standard_normal((batch, out, out, cout), np.float32)
     # jaxcap's ResNet runs 1x1 convolutions as matrix products (resnet.pointwise_conv).
     conv = pointwise_conv if kernel == 1 else jax.lax.conv_general_dilated
-    convolve = jax.jit(lambda x, w: conv(x, w, (stride, stride), [(pad, pad), (pad, pad)],
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC")))
-    x, w = jnp.asarray(images), jnp.asarray(weights)
+
+    def forward(x, w):
+        return conv(x, w, (stride, stride), [(pad, pad), (pad, pad)],
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    x, w, g = jnp.asarray(images), jnp.asarray(weights), jnp.asarray(grads)
     tx = torch.from_numpy(images).permute(0, 3, 1, 2)  # NCHW view of NHWC: channels-last
     tw = torch.from_numpy(np.ascontiguousarray(weights.transpose(3, 2, 0, 1)))
     tw = tw.contiguous(memory_format=torch.channels_last)
+    tg = torch.from_numpy(grads).permute(0, 3, 1, 2)
+    if weight_gradient:
+        compute = jax.jit(lambda x, w, g: jax.vjp(lambda w: forward(x, w), w)[1](g)[0])
+        run_xla = lambda: compute(x, w, g).block_until_ready()  # noqa: E731
 
-    def run_torch():
-        with torch.inference_mode():
-            torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad)
+        def run_torch():
+            torch.nn.grad.conv2d_weight(tx, tw.shape, tg, stride=stride, padding=pad)
+    else:
+        compute = jax.jit(forward)
+        run_xla = lambda: compute(x, w).block_until_ready()  # noqa: E731
 
-    out = (size + 2 * pad - kernel) // stride + 1
+        def run_torch():
+            with torch.inference_mode():
+                torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad)
+
     flops = 2.0 * batch * out * out * cout * cin * kernel * kernel
     inner = max(1, int(2e9 // flops))
-    runs = {"xla": lambda: convolve(x, w).block_until_ready(), "torch": run_torch}
+    runs = {"xla": run_xla, "torch": run_torch}
     seconds = best_seconds_alternating(
         {key: (lambda r=r: [r() for _ in range(inner)]) for key, r in runs.items()}, repetitions)
     gflops = {key: round(flops * inner / s / 1e9, 1) for key, s in seconds.items()}
-    return dict(name=f"conv {name} ({batch}x{size}x{size}x{cin} -> {cout})", dtype="float32",
+    what = "conv weight gradient" if weight_gradient else "conv"
+    return dict(name=f"{what} {name} ({batch}x{size}x{size}x{cin} -> {cout})", dtype="float32",
                 **gflops)
 
 
@@ -140,6 +169,8 @@ def main() -> None:
     print(f"machine: {machine_line(info)}", file=sys.stderr)
     rows = [product_row(*p, "float32", args.repetitions) for p in PRODUCTS]
     rows += [convolution_row(*c, args.repetitions) for c in CONVOLUTIONS]
+    rows += [convolution_row(*c, args.repetitions, weight_gradient=gradient)
+             for c in TRAINED_CONVOLUTIONS for gradient in (False, True)]
     rows += [product_row(*p, "bfloat16", args.repetitions) for p in PRODUCTS]
     print(f"| product | dtype | XLA GFLOP/s | XLA, weight stored transposed | PyTorch GFLOP/s "
           f"| XLA / PyTorch |\n| --- | --- | --- | --- | --- | --- |")
