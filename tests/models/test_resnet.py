@@ -106,7 +106,7 @@ def _convolution_kernel(env: dict) -> str:
 
 
 def test_importing_jaxcap_keeps_cpu_convolutions_on_xla_kernels_unless_the_user_says():
-    # YNNPACK ran ResNet's 3x3 convolutions' weight gradients 4-5x slower than XLA's
+    # YNNPACK ran early 3x3 convolutions' weight gradients 4-5x slower than XLA's
     # own kernels here; the flag jaxcap sets on import must reach the compiler.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     assert _convolution_kernel(env) == "xla"
