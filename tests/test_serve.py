@@ -2,6 +2,7 @@
 error path, bounded concurrency and memory, and the page in a headless browser."""
 
 import asyncio
+import collections
 import contextlib
 import shutil
 import socket
@@ -83,19 +84,70 @@ def _check(results, expected):
         assert " ".join(result["words"]) == caption
 
 
+def _send_together(url, sent):
+    """One request per photo, all at once: the responses, in the order sent."""
+    async def send_all():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/captions", files=_files([p]))
+                                          for p in sent))
+    responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [200] * len(sent)
+    return [r.json() for r in responses]
+
+
 def test_requests_sent_together_are_answered_from_one_decode(run, photos):
-    app = create_app(run, DEFAULTS, max_batch=8, max_wait_ms=1500)
-    expected = _expected(run, photos)
-    with serving(app) as url:
-        async def send_all():
-            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                return await asyncio.gather(*(client.post("/v1/captions", files=_files([p]))
-                                              for p in photos))
-        responses = asyncio.run(send_all())
-    assert [r.status_code for r in responses] == [200] * len(photos)
-    bodies = [r.json() for r in responses]
+    # Eight requests fill the largest bucket (8 with 4 devices): one decode, whatever
+    # the warm-up's timings (a full bucket is never cut).
+    sent = (photos * 2)[:8]
+    with serving(create_app(run, DEFAULTS, max_batch=8, max_wait_ms=1500)) as url:
+        bodies = _send_together(url, sent)
     assert len({body["batch"]["id"] for body in bodies}) == 1  # one decode for all
-    assert {body["batch"]["images"] for body in bodies} == {len(photos)}
+    assert {body["batch"]["images"] for body in bodies} == {len(sent)}
+    expected = _expected(run, photos)
+    for body in bodies:
+        _check(body["results"], expected)
+
+
+def _batcher(run, bucket_seconds):
+    batcher = DynamicBatcher(run, DEFAULTS, max_batch=8, max_wait_ms=10, queue_images=64)
+    batcher.bucket_seconds = bucket_seconds
+    return batcher
+
+
+def test_a_batch_is_cut_to_the_bucket_its_timings_favour(run):
+    # 4 devices: buckets 4 and 8. Time growing with the rows (a CPU): 5 or 7 waiting
+    # images decode faster as 4 now and the rest later than padded to 8 (400 images/s
+    # against 250 and 350); a full bucket stays whole (400 against 400).
+    cpu = _batcher(run, {4: 0.010, 8: 0.020})
+    assert cpu.search(DEFAULTS).buckets == [4, 8]
+    assert [cpu.batch_images(n) for n in (1, 3, 4, 5, 7, 8)] == [1, 3, 4, 4, 4, 8]
+    # Nearly flat (an accelerator): padding is cheaper than a second decode.
+    flat = _batcher(run, {4: 0.010, 8: 0.011})
+    assert [flat.batch_images(n) for n in (3, 5, 8)] == [3, 5, 8]
+    # Within 10% of each other: the larger batch.
+    assert _batcher(run, {4: 0.010, 8: 0.0175}).batch_images(8) == 8
+    assert _batcher(run, {4: 0.010, 8: 0.0225}).batch_images(8) == 4
+    # Not timed yet: everything waiting.
+    assert _batcher(run, {}).batch_images(5) == 5
+
+
+def test_the_jobs_cut_from_a_batch_lead_the_next_one(run, photos, monkeypatch):
+    warm_up = DynamicBatcher.warm_up
+
+    async def cpu_timings(self):
+        buckets = await warm_up(self)
+        self.bucket_seconds = {4: 0.010, 8: 0.020}
+        return buckets
+
+    monkeypatch.setattr(DynamicBatcher, "warm_up", cpu_timings)
+    sent = (photos * 2)[:6]
+    with serving(create_app(run, DEFAULTS, max_batch=8, max_wait_ms=1500)) as url:
+        bodies = _send_together(url, sent)
+    batches = collections.Counter(body["batch"]["id"] for body in bodies)
+    assert sorted(batches.values()) == [2, 4]  # 4 now, the 2 left over right after
+    assert {body["batch"]["id"]: body["batch"]["images"] for body in bodies} == \
+        {batch: count for batch, count in batches.items()}
+    expected = _expected(run, photos)
     for body in bodies:
         _check(body["results"], expected)
 
