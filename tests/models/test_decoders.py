@@ -147,20 +147,27 @@ def test_beam_one_is_greedy(variant, rng):
     np.testing.assert_allclose(alphas, beam_alphas, rtol=1e-5, atol=1e-7)
 
 
-def _dot_operand_dtypes(jaxpr) -> list:
-    """(lhs dtype, rhs dtype, accumulation dtype) of every matrix product in a jaxpr,
-    nested ones (inside scans, custom VJPs) included."""
+def _products(jaxpr) -> list:
+    """(lhs, rhs, dimension numbers, accumulation dtype) of every matrix product in a
+    jaxpr, nested ones (inside scans, custom VJPs) included."""
     found = []
     for equation in jaxpr.eqns:
         if equation.primitive.name == "dot_general":
-            lhs, rhs = (v.aval.dtype for v in equation.invars)
-            found.append((lhs, rhs, equation.params["preferred_element_type"]))
+            lhs, rhs = equation.invars
+            found.append((lhs, rhs, equation.params["dimension_numbers"],
+                          equation.params["preferred_element_type"]))
         for param in equation.params.values():
             for inner in (param if isinstance(param, (list, tuple)) else [param]):
                 inner = getattr(inner, "jaxpr", inner)
                 if hasattr(inner, "eqns"):
-                    found += _dot_operand_dtypes(inner)
+                    found += _products(inner)
     return found
+
+
+def _dot_operand_dtypes(jaxpr) -> list:
+    """(lhs dtype, rhs dtype, accumulation dtype) of every matrix product in a jaxpr."""
+    return [(lhs.aval.dtype, rhs.aval.dtype, accumulate)
+            for lhs, rhs, _, accumulate in _products(jaxpr)]
 
 
 @variants
@@ -222,6 +229,40 @@ def test_soft_fast_path_equals_the_generic_path_in_loss_and_every_gradient(rng):
     np.testing.assert_allclose(value, reference_value, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(  # float32 rounding, to scale
         a, b, rtol=2e-5, atol=1e-6 * float(np.abs(b).max())), ours, reference)
+
+
+def test_soft_fast_path_in_bfloat16_multiplies_backwards_in_bfloat16_too(rng):
+    """In bfloat16 the hand-written backward's large products (the loop's two, the two
+    weight gradients after it) take bfloat16 operands in the plain ``x @ w`` form and
+    accumulate in float32, and its gradients are as close to float32's as autodiff's."""
+    batch = _batch(rng)
+    fast = Captioner(make_decoder(_config("soft"), VOCAB, FEATURES, jnp.bfloat16))
+    generic = Captioner(make_decoder(_config("soft", fast_path=False), VOCAB, FEATURES,
+                                     jnp.bfloat16))
+    variables = _init(_model("soft"), batch)
+
+    def gradient(model):
+        return jax.grad(lambda params: _loss(model, {"params": params}, batch)[0])
+
+    reference = gradient(_model("soft"))(variables["params"])
+
+    def error(model):  # per parameter, relative to float32's gradient
+        return jax.tree.map(lambda g, r: float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r)),
+                            gradient(model)(variables["params"]), reference)
+
+    ours, autodiff = error(fast), error(generic)
+    jax.tree.map(lambda a, b: np.testing.assert_array_less(a, 1.25 * b + 2e-3), ours, autodiff)
+
+    plain = {(tuple(lhs.aval.shape), tuple(rhs.aval.shape))
+             for lhs, rhs, dims, accumulate in _products(
+                 jax.make_jaxpr(gradient(fast))(variables["params"]).jaxpr)
+             if lhs.aval.dtype == rhs.aval.dtype == jnp.bfloat16
+             and accumulate == jnp.float32 and dims == (((1,), (0,)), ((), ()))}
+    steps_rows = batch["tokens"].shape[0] * (batch["tokens"].shape[1] - 1)
+    fused = 10 + FEATURES + 4 * 16  # attention query, f_beta gate, LSTM gates
+    assert {((4, 64), (64, FEATURES)), ((4, fused), (fused, 16)),  # the loop's
+            ((16, steps_rows), (steps_rows, fused)),  # weight gradients after it
+            ((FEATURES, steps_rows), (steps_rows, 64))} <= plain
 
 
 # ------------------------------------------------------------- hard attention
