@@ -71,11 +71,14 @@ def test_bad_configuration_is_refused():
     ((1, 7, 7, 2), 3, 1, 1),  # stride 1: each input in up to nine windows
 ])
 @pytest.mark.parametrize("values", ["normal", "ties"])
-def test_max_pool_is_flax_max_pool_bit_for_bit_both_ways(shape, window, stride, pad, values, rng):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_is_flax_max_pool_bit_for_bit_both_ways(shape, window, stride, pad, values,
+                                                         dtype, rng):
     # "ties": small integers, so most windows hold their maximum twice or more and the
-    # gradient must go where XLA's select-and-scatter sends it.
+    # gradient must go where XLA's select-and-scatter sends it. bfloat16: an input in
+    # several windows sums their gradients with bfloat16's rounding after each addition.
     x = jnp.asarray(rng.normal(size=shape) if values == "normal"
-                    else rng.integers(-2, 3, shape), jnp.float32)
+                    else rng.integers(-2, 3, shape), dtype)
 
     def flax_pool(x):
         return nn.max_pool(x, (window, window), (stride, stride), ((pad, pad), (pad, pad)))
@@ -85,10 +88,11 @@ def test_max_pool_is_flax_max_pool_bit_for_bit_both_ways(shape, window, stride, 
 
     expected, flax_vjp = jax.vjp(flax_pool, x)
     pooled, our_vjp = jax.vjp(ours, x)
-    grad = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+    grad = jnp.asarray(rng.normal(size=expected.shape), dtype)
     np.testing.assert_array_equal(pooled, expected)
-    np.testing.assert_array_equal(jax.jit(lambda g: our_vjp(g)[0])(grad),
-                                  jax.jit(lambda g: flax_vjp(g)[0])(grad))
+    ours_grad = jax.jit(lambda g: our_vjp(g)[0])(grad)
+    assert ours_grad.dtype == dtype
+    np.testing.assert_array_equal(ours_grad, jax.jit(lambda g: flax_vjp(g)[0])(grad))
 
 
 def _convolution_kernel(env: dict) -> str:
