@@ -156,9 +156,9 @@ class DynamicBatcher:
         default search's timings promise at least 10% more images per second (ties go
         to the larger batch, which leaves fewer requests waiting)."""
         search = self.search(self.defaults)
-        padded = search.bucket(min(waiting, search.max_batch))
         if not all(size in self.bucket_seconds for size in search.buckets):
             return waiting
+        padded = search.bucket(min(waiting, search.max_batch))
         rate = {size: min(waiting, size) / self.bucket_seconds[size]
                 for size in search.buckets if size <= padded}
         best = max(rate.values())
