@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from jaxcap.models.precision import cpu_flags
+
 
 # The matrix and vector extensions that decide which kernels the libraries pick:
 # PyTorch's oneDNN/MKL and XLA's bfloat16 products run far faster with them.
@@ -20,16 +22,13 @@ def machine() -> dict:
     """The machine the figures come from (CPU model and its matrix extensions), and
     how busy it was when they started."""
     cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as handle:
-            lines = handle.read().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines
-                   if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1].split() for line in lines
-                         if line.startswith("flags")))
+            cpu = next(line.split(":", 1)[1].strip() for line in handle
+                       if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    flags = cpu_flags() or frozenset()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return dict(cpu=cpu, cpu_extensions=" ".join(f for f in MATRIX_EXTENSIONS if f in flags),
                 cores=os.cpu_count(), python=platform.python_version(),

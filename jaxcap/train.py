@@ -58,6 +58,7 @@ from jaxcap.data.text import PAD_ID, Vocabulary
 from jaxcap.decode import CaptionSearch, SearchOptions
 from jaxcap.extract import extract_entries, write_text_atomic
 from jaxcap.metrics import caption_metrics, object_metrics
+from jaxcap.models import precision
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import make_decoder
 from jaxcap.models.encoder import build_encoder, load_encoder, read_metadata
@@ -285,6 +286,7 @@ def pipeline_options(config) -> tuple[PipelineOptions, PipelineOptions]:
 
 def make_model(config, vocab_size: int, encoder_metadata: dict) -> Captioner:
     dtype = jnp.dtype(config.dtype)
+    precision.warn_if_bfloat16_is_slow(dtype)
     feature_dim = output_channels(encoder_metadata["depth"], config.encoder.stage)
     try:
         decoder = make_decoder(config.decoder, vocab_size, feature_dim, dtype)
