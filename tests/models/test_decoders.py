@@ -1,5 +1,6 @@
 """Every decoder variant: shapes, the loop equals its step, blind to padding, able to learn,
-beam 1 is greedy; soft's fast path equals the generic one; hard's gradient is unbiased."""
+beam 1 is greedy, beam 3 scores its captions as teacher forcing does; soft's fast path
+equals the generic one; hard's gradient is unbiased."""
 
 import itertools
 
@@ -11,7 +12,7 @@ import optax
 import pytest
 
 from jaxcap import configs
-from jaxcap.decode import beam_search, greedy
+from jaxcap.decode import beam_search, greedy, word_logp
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import VARIANTS, HardAttentionDecoder, make_decoder
 from jaxcap.train import loss_terms
@@ -146,6 +147,26 @@ def test_beam_one_is_greedy(variant, rng):
     np.testing.assert_allclose(scores, beam_scores, rtol=1e-5)
     np.testing.assert_allclose(alphas, beam_alphas, rtol=1e-5, atol=1e-7)
 
+
+
+@variants
+def test_beam_search_returns_its_captions_teacher_forced_score_and_attention(variant, rng):
+    """Beam 3 against teacher forcing of the captions it returns: every variant's state
+    (an LSTM's, a transformer's cache) survives being shared by the beams after the
+    first step and reordered between them."""
+    model, batch = _model(variant), _batch(rng)
+    variables = jax.tree.map(lambda x: x * 3, _init(model, batch))
+    tokens, scores, alphas = beam_search(model, variables, batch["features"], 3, 9)
+    outputs = model.apply(variables, batch["features"], tokens[:, :-1])
+    logp = np.asarray(word_logp(outputs["logits"]))
+    for image in range(len(tokens)):
+        emitted = [int(t) for t in tokens[image, 1:] if t != 0]
+        np.testing.assert_allclose(scores[image],
+                                   sum(logp[image, t, w] for t, w in enumerate(emitted)),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(alphas[image, :len(emitted)],
+                                   outputs["alphas"][image, :len(emitted)], rtol=1e-4, atol=1e-6)
+        assert not np.any(alphas[image, len(emitted):])
 
 def _products(jaxpr) -> list:
     """(lhs, rhs, dimension numbers, accumulation dtype) of every matrix product in a
