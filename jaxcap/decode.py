@@ -159,7 +159,8 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
     log-probability itself, without the division. Finished
     beams carry forward unchanged; when no beam of an image has ended by
     ``max_length`` its best unfinished hypothesis is returned. The loop stops as soon
-    as every beam of every image has ended. The feature grid is shared by an image's
+    as every image is settled (``_settled``): no beam still open can end better than its
+    best ended one. The feature grid is shared by an image's
     beams (``vmap`` over the beam axis with the grid unbatched), never copied per beam,
     and the first step, the same for every beam, runs once per image.
     """
@@ -192,7 +193,9 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
                  alphas=alphas.at[:, :, 0].set(alpha))
 
     def cond(state):
-        return (state["t"] < max_length) & ~jnp.all(state["done"])
+        return (state["t"] < max_length) & ~jnp.all(
+            _settled(state["scores"], state["lengths"], state["done"], max_length,
+                     length_penalty))
 
     def body(state):
         t = state["t"]
@@ -235,6 +238,26 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
     take = lambda x: jnp.take_along_axis(  # noqa: E731
         x, best.reshape(1, batch, *([1] * (x.ndim - 2))), axis=0)[0]
     return take(state["tokens"]), take(state["scores"]), take(state["alphas"])
+
+
+def _settled(scores, lengths, done, max_length: int, length_penalty):
+    """(B,): True where an image's search can only return what it would return now.
+
+    That is when every beam has ended, or when its best ended hypothesis ranks strictly
+    above the most any open beam can still reach: an open beam's summed
+    log-probability only falls, and it ends at a length between ``lengths + 1`` and
+    ``max_length - 1``, so its final rank is at most its score over the length that
+    favours it (the longest for a penalty >= 0). With penalty 0 a caption that ends
+    ahead of every open beam settles its image at once, where waiting for every beam to
+    end would run the rest of the batch for beams that can no longer win.
+    """
+    lengths = lengths.astype(jnp.float32)
+    ranked = scores / lengths ** length_penalty
+    favoured = jnp.where(length_penalty >= 0, jnp.float32(max_length - 1), lengths + 1)
+    reach = scores / favoured ** length_penalty
+    best_ended = jnp.max(jnp.where(done, ranked, -jnp.inf), axis=0)
+    best_open = jnp.max(jnp.where(done, -jnp.inf, reach), axis=0)
+    return jnp.all(done, axis=0) | (best_ended > best_open)
 
 
 # ------------------------------------------------------------------ for commands

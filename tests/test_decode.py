@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcap import decode
 from jaxcap.data.text import END_ID, START_ID
 from jaxcap.data.text import Vocabulary
 from jaxcap.decode import CaptionSearch, SearchOptions, beam_search, greedy, sample
@@ -145,6 +146,54 @@ def test_batched_equals_one_image_at_a_time(setup):
         np.testing.assert_allclose(scores[image], one_score[0], rtol=1e-5)
         np.testing.assert_allclose(alphas[image], one_alphas[0], rtol=1e-4, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.5, -0.5])
+def test_settled_images_stop_the_search_early_and_change_nothing(setup, monkeypatch,
+                                                                 length_penalty):
+    """Against the search that runs until every beam has ended (Python's loop under
+    ``disable_jit``, counting the loop's tests): fewer steps, the same results."""
+    model, variables, features = setup
+    variables = _with_end_bias(variables, -0.5)  # captions end after a few words, unevenly
+    settled, steps = decode._settled, []
+
+    def run(rule):
+        monkeypatch.setattr(decode, "_settled",
+                            lambda *args: steps.append(rule) or rule(*args))
+        with jax.disable_jit():
+            return decode.beam_search(model, variables, features, 3, 12,
+                                      length_penalty=length_penalty)
+
+    early = run(settled)
+    full = run(lambda scores, lengths, done, *_: jnp.all(done, axis=0))
+    for a, b in zip(early, full):
+        np.testing.assert_array_equal(a, b)
+    early_steps = steps.count(settled)
+    full_steps = len(steps) - early_steps
+    # A penalty > 0 lets an open beam hope to rank higher by running long, so it seldom
+    # settles early; with none or one < 0, an ended caption ahead of every open beam
+    # settles its image at once (here 2 tests of the loop against 11).
+    assert 0 < early_steps <= full_steps and (early_steps < full_steps or length_penalty > 0)
+
+
+def test_an_image_settles_when_no_open_beam_can_end_above_its_best_ended_one():
+    scores = jnp.array([[-1.0, -3.0], [-3.0, -2.0], [-4.0, -9.0]])  # (K=3, B=2)
+    lengths = jnp.array([[2, 2], [4, 3], [3, 8]])
+    done = jnp.array([[True, False], [False, False], [False, True]])
+    # Image 0 ended at -1 (2 words) with open beams at -3 (4 words) and -4 (3 words);
+    # image 1 ended at -9 (8 words) with open beams at -3 and -2 (2 and 3 words).
+    settled = lambda penalty: list(decode._settled(scores, lengths, done, 10, penalty))  # noqa: E731
+    assert settled(0.0) == [True, False]
+    # 1: ended -1/2 = -0.5 against an open -3 that may run to 9 words: -3/9 is above it
+    # (ended at once, -3/5, it would not be).
+    assert settled(1.0) == [False, False]
+    # -1: ended -1 * 2 = -2 against the open -3 ending at once: 5 words, -3 * 5 = -15.
+    # Image 1 ended at -9 * 8 = -72, and its open -2 can end at -2 * 4 = -8.
+    assert settled(-1.0) == [True, False]
+    # -1: ended at -10 * 5 = -50; an open -10 after 1 word may end at 2: -20 is above it.
+    assert not decode._settled(jnp.array([[-10.0], [-10.0]]), jnp.array([[5], [1]]),
+                               jnp.array([[True], [False]]), 10, -1.0)[0]
+    assert list(decode._settled(scores, lengths, jnp.ones_like(done), 10, 0.0)) == [True, True]
 
 def test_a_model_that_never_ends_still_returns_its_best_hypothesis(setup):
     model, variables, features = setup
