@@ -230,7 +230,7 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
                     lengths=pick(state["lengths"]) + (~done).astype(jnp.int32), alphas=alphas)
 
     state = jax.lax.while_loop(cond, body, state)
-    normalized = state["scores"] / state["lengths"].astype(jnp.float32) ** length_penalty
+    normalized = _ranked(state["scores"], state["lengths"], length_penalty)
     # Prefer ended hypotheses; an image none of whose beams ended keeps its best unfinished one.
     any_done = jnp.any(state["done"], axis=0)
     ranked = jnp.where(state["done"] | ~any_done[None, :], normalized, -jnp.inf)
@@ -238,6 +238,12 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
     take = lambda x: jnp.take_along_axis(  # noqa: E731
         x, best.reshape(1, batch, *([1] * (x.ndim - 2))), axis=0)[0]
     return take(state["tokens"]), take(state["scores"]), take(state["alphas"])
+
+
+def _ranked(scores, lengths, length_penalty):
+    """What an ended hypothesis is chosen by: its summed log-probability over
+    ``length ** length_penalty`` (words and ``<end>``)."""
+    return scores / lengths.astype(jnp.float32) ** length_penalty
 
 
 def _settled(scores, lengths, done, max_length: int, length_penalty):
@@ -251,11 +257,10 @@ def _settled(scores, lengths, done, max_length: int, length_penalty):
     ahead of every open beam settles its image at once, where waiting for every beam to
     end would run the rest of the batch for beams that can no longer win.
     """
-    lengths = lengths.astype(jnp.float32)
-    ranked = scores / lengths ** length_penalty
-    favoured = jnp.where(length_penalty >= 0, jnp.float32(max_length - 1), lengths + 1)
-    reach = scores / favoured ** length_penalty
-    best_ended = jnp.max(jnp.where(done, ranked, -jnp.inf), axis=0)
+    favoured = jnp.where(length_penalty >= 0, max_length - 1, lengths + 1)
+    reach = _ranked(scores, favoured, length_penalty)
+    best_ended = jnp.max(jnp.where(done, _ranked(scores, lengths, length_penalty), -jnp.inf),
+                         axis=0)
     best_open = jnp.max(jnp.where(done, -jnp.inf, reach), axis=0)
     return jnp.all(done, axis=0) | (best_ended > best_open)
 
