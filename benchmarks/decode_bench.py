@@ -8,7 +8,8 @@ search of the best-known Show-Attend-Tell tutorial (``caption_image_beam_search`
 the feature grid copied per beam, the encoder projection recomputed at every
 step, finished beams removed) with the same weights. Randomly initialised
 weights almost never choose ``<end>``, so both searches run all 21 steps:
-the same work on both sides. (The tutorial's code raises when no beam ends;
+the same work on both sides, but for jaxcap's first step, which runs once
+per image rather than once per beam. (The tutorial's code raises when no beam ends;
 the peer here returns the best unfinished beam, as jaxcap does.) The
 tutorial's search recomputes the projection of a 5x49x2048 grid at every
 step, about 6.7x jaxcap's arithmetic per image, so ``ratio_vs_torch`` mostly
@@ -150,9 +151,10 @@ def tutorial_beam_search(decoder, features, k: int, max_length: int) -> list[int
 
 
 def beam_flops_per_caption(steps: int = MAX_LENGTH - 1, beam: int = BEAM) -> float:
-    """Matmul FLOPs of one image's beam search (per beam and step, plus once per image)."""
+    """Matmul FLOPs of one image's beam search as jaxcap runs it: once per image, the
+    first step once, every later step once per beam."""
     once, per_step = decoder_macs(GRID * GRID, FEATURES, ATTENTION, HIDDEN, EMBED, VOCAB)
-    return 2.0 * (once + steps * beam * per_step)
+    return 2.0 * (once + (1 + (steps - 1) * beam) * per_step)
 
 
 def main() -> None:
