@@ -182,7 +182,10 @@ def test_an_image_settles_when_no_open_beam_can_end_above_its_best_ended_one():
     done = jnp.array([[True, False], [False, False], [False, True]])
     # Image 0 ended at -1 (2 words) with open beams at -3 (4 words) and -4 (3 words);
     # image 1 ended at -9 (8 words) with open beams at -3 and -2 (2 and 3 words).
-    settled = lambda penalty: list(decode._settled(scores, lengths, done, 10, penalty))  # noqa: E731
+
+    def settled(penalty):
+        return list(decode._settled(scores, lengths, done, 10, penalty))
+
     assert settled(0.0) == [True, False]
     # 1: ended -1/2 = -0.5 against an open -3 that may run to 9 words: -3/9 is above it
     # (ended at once, -3/5, it would not be).
