@@ -30,7 +30,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.jax_utils  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -68,10 +67,10 @@ def main() -> None:
         (len(vocabulary), config.decoder.embed_dim), np.float32), None, tx)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=tx.init(variables["params"]))
-    replicated_state = flax.jax_utils.replicate(state)
+    replicated_state = train.replicate(state)
     sharded = jax.tree.map(lambda x: x[None], batch)
-    rng = flax.jax_utils.replicate(jax.random.PRNGKey(0))
-    replicated_refs = flax.jax_utils.replicate(references)
+    rng = train.replicate(jax.random.PRNGKey(0))
+    replicated_refs = train.replicate(references)
 
     def step_time(objective_or_none) -> float:
         step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx,

@@ -35,7 +35,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.jax_utils  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -43,7 +42,7 @@ from benchmarks.common import best_seconds_alternating, machine, machine_line, m
 from jaxcap import configs  # noqa: E402
 from jaxcap.data.pipeline import EpochExamples, PipelineOptions  # noqa: E402
 from jaxcap.train import (init_state, learning_rate_schedule, make_model,  # noqa: E402
-                          make_optimizer, train_step)
+                          make_optimizer, replicate, train_step)
 
 BATCH, VOCAB, MAX_LENGTH, GRID, FEATURES = 32, 3000, 22, 7, 2048
 
@@ -107,12 +106,11 @@ def jaxcap_run(data: list[dict], fast_path: bool = True, dtype: str = "float32")
     model = make_model(config, VOCAB, dict(depth=50, preprocessing="torch"))
     tx = make_optimizer(config, learning_rate_schedule(config, 1000))
     embedding = np.random.default_rng(0).standard_normal((VOCAB, 50)).astype(np.float32)
-    state = flax.jax_utils.replicate(init_state(model, config, (GRID, GRID, FEATURES), embedding,
-                                                None, tx))
+    state = replicate(init_state(model, config, (GRID, GRID, FEATURES), embedding, None, tx))
     step = jax.pmap(functools.partial(train_step, model=model, tx=tx,
                                       label_smoothing=0.0),
                     axis_name="batch", donate_argnums=(0,))
-    rng = flax.jax_utils.replicate(jax.random.PRNGKey(0))
+    rng = replicate(jax.random.PRNGKey(0))
     devices = jax.local_device_count()
     sharded = [jax.tree.map(lambda x: x.reshape(devices, -1, *x.shape[1:]),
                             {k: v for k, v in b.items() if k != "lengths"})

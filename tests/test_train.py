@@ -21,7 +21,7 @@ from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import VARIANTS, SoftAttentionDecoder, make_decoder
 from jaxcap.models.encoder import build_encoder
 from jaxcap.runs import load_run
-from jaxcap.train import (init_state, learning_rate_schedule, make_optimizer,
+from jaxcap.train import (init_state, learning_rate_schedule, make_optimizer, replicate,
                           train_step)
 from tests.killing import kill_after_checkpoint
 
@@ -91,6 +91,26 @@ def test_pmap_step_on_four_devices_equals_one_device_on_the_whole_batch(rng):
     assert not np.allclose(four[0].params["decoder"]["output"]["kernel"][0],
                            state.params["decoder"]["output"]["kernel"])
 
+
+
+def test_the_train_step_is_traced_once_from_the_replicated_state_to_its_own_outputs(rng):
+    """``train.replicate`` lays the state out as the pmapped step returns it, so the
+    second step runs the first one's program: with flax's default layout every run
+    traced and compiled its train step twice."""
+    state, batch, step = _tiny_training(rng)
+    traces = []
+
+    def traced_step(*args):
+        traces.append(len(traces))  # Python runs only when JAX traces
+        return step(*args)
+
+    p_step = jax.pmap(traced_step, axis_name="batch", donate_argnums=(0,))
+    shards = jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch)
+    key = replicate(jax.random.PRNGKey(3))
+    state = replicate(state)
+    for _ in range(3):
+        state, _ = p_step(state, shards, key)
+    assert traces == [0]
 
 @pytest.mark.parametrize("batchnorm", ["frozen", "batch"])
 def test_an_encoder_in_the_graph_trains_its_batchnorm_over_all_devices(rng, batchnorm):
