@@ -92,7 +92,6 @@ def test_pmap_step_on_four_devices_equals_one_device_on_the_whole_batch(rng):
                            state.params["decoder"]["output"]["kernel"])
 
 
-
 def test_the_train_step_is_traced_once_from_the_replicated_state_to_its_own_outputs(rng):
     """``train.replicate`` lays the state out as the pmapped step returns it, so the
     second step runs the first one's program: with flax's default layout every run
@@ -111,6 +110,7 @@ def test_the_train_step_is_traced_once_from_the_replicated_state_to_its_own_outp
     for _ in range(3):
         state, _ = p_step(state, shards, key)
     assert traces == [0]
+
 
 @pytest.mark.parametrize("batchnorm", ["frozen", "batch"])
 def test_an_encoder_in_the_graph_trains_its_batchnorm_over_all_devices(rng, batchnorm):
