@@ -147,7 +147,6 @@ def test_batched_equals_one_image_at_a_time(setup):
         np.testing.assert_allclose(alphas[image], one_alphas[0], rtol=1e-4, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("length_penalty", [0.0, 1.5, -0.5])
 def test_settled_images_stop_the_search_early_and_change_nothing(setup, monkeypatch,
                                                                  length_penalty):
@@ -197,6 +196,7 @@ def test_an_image_settles_when_no_open_beam_can_end_above_its_best_ended_one():
     assert not decode._settled(jnp.array([[-10.0], [-10.0]]), jnp.array([[5], [1]]),
                                jnp.array([[True], [False]]), 10, -1.0)[0]
     assert list(decode._settled(scores, lengths, jnp.ones_like(done), 10, 0.0)) == [True, True]
+
 
 def test_a_model_that_never_ends_still_returns_its_best_hypothesis(setup):
     model, variables, features = setup

@@ -148,7 +148,6 @@ def test_beam_one_is_greedy(variant, rng):
     np.testing.assert_allclose(alphas, beam_alphas, rtol=1e-5, atol=1e-7)
 
 
-
 @variants
 def test_beam_search_returns_its_captions_teacher_forced_score_and_attention(variant, rng):
     """Beam 3 against teacher forcing of the captions it returns: every variant's state
@@ -167,6 +166,7 @@ def test_beam_search_returns_its_captions_teacher_forced_score_and_attention(var
         np.testing.assert_allclose(alphas[image, :len(emitted)],
                                    outputs["alphas"][image, :len(emitted)], rtol=1e-4, atol=1e-6)
         assert not np.any(alphas[image, len(emitted):])
+
 
 def _products(jaxpr) -> list:
     """(lhs, rhs, dimension numbers, accumulation dtype) of every matrix product in a
