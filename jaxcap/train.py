@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import flax
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jaxcap import __version__, configs, distributed, scst
@@ -361,23 +361,39 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
     return optax.multi_transform({"trained": trained, "frozen": optax.set_to_zero()}, label)
 
 
+def _decoder_of(captioner: Captioner, grid, tokens):
+    return captioner.decoder(grid, tokens)
+
+
 def init_state(model: Captioner, config, inputs_shape, embedding: np.ndarray,
                encoder_variables: dict | None, tx) -> TrainState:
+    """A new run's state: the decoder drawn from ``config.seed`` with GloVe's embedding, the
+    encoder's variables as loaded, Adam's moments at zero.
+
+    Only the decoder is initialised, on a grid of the encoder's output shape: Flax draws
+    each parameter from its own path, so the draws are those of initialising the whole
+    captioner, whose encoder draws were thrown away (compiling them took 7.6 s of the tiny
+    config's start, the decoder's alone 2 s)."""
     tokens = jnp.zeros((1, config.text.max_length - 1), jnp.int32)
-    inputs = jnp.zeros((1, *inputs_shape), jnp.uint8 if model.encoder is not None else jnp.float32)
+    inputs = jax.ShapeDtypeStruct((1, *inputs_shape),
+                                  jnp.uint8 if model.encoder is not None else jnp.float32)
+    grid = inputs if model.encoder is None else jax.eval_shape(
+        functools.partial(model.apply, method=Captioner.features),
+        {collection: {"encoder": variables} for collection, variables
+         in encoder_variables.items()}, inputs)
     rngs = {"params": jax.random.PRNGKey(config.seed), "dropout": jax.random.PRNGKey(0)}
-    variables = jax.jit(lambda: model.init(rngs, inputs, tokens))()
+    variables = jax.jit(lambda: model.init(rngs, jnp.zeros(grid.shape, grid.dtype), tokens,
+                                           method=_decoder_of))()
     params = flax.core.unfreeze(variables["params"])
     params["decoder"]["embed"]["embedding"] = jnp.asarray(embedding)
     # A decoder variant's own state (a moving average), and the encoder's BatchNorm statistics.
-    batch_stats = {key: value for key, value in variables.get("batch_stats", {}).items()
-                   if key == "decoder"}
+    batch_stats = dict(variables.get("batch_stats", {}))
     if encoder_variables is not None:
         params["encoder"] = encoder_variables["params"]
         batch_stats["encoder"] = encoder_variables["batch_stats"]
     return TrainState(step=jnp.asarray(0, jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), lr_scale=jnp.asarray(1.0, jnp.float32),
-                      nonfinite=jnp.asarray(False))
+                      opt_state=jax.jit(tx.init)(params),  # one program, not one per shape
+                      lr_scale=jnp.asarray(1.0, jnp.float32), nonfinite=jnp.asarray(False))
 
 
 # --------------------------------------------------------------------- the steps
@@ -489,12 +505,26 @@ def eval_step(state: TrainState, batch, *, model):
     return jax.lax.psum({"terms": grouped, "counts": counts}, "batch")
 
 
-def replicate(tree):
-    """A copy of ``tree`` on every local device, laid out as the pmapped steps return
-    their state (a mesh axis named as their ``"batch"``). Flax's default name gave the
-    first step's input another sharding than its output, so the second step traced
-    and compiled the train step again (12-14 s of the tiny config's 70 on 2 cores)."""
-    return flax.jax_utils.replicate(tree, axis_name="batch")
+def replicate(tree, devices=None):
+    """A copy of ``tree`` on every local device (or on ``devices``), laid out as the pmapped
+    steps return their state: stacked along a mesh axis named as their ``"batch"``. (Flax's
+    ``replicate`` names the axis otherwise, so the second step saw another input sharding and
+    compiled the train step again.) The copies are made on the host: stacking each array on
+    a device compiled one small program per parameter shape, about 2 s of a tiny run."""
+    devices = list(devices or jax.local_devices())
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("batch",)), PartitionSpec("batch"))
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.device_put(np.broadcast_to(x, (len(devices), *x.shape)), sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def unreplicate(tree):
+    """The first local device's copy of a replicated ``tree``, on the host (read from its
+    shard: indexing the device array would compile a program per shape)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)
 
 
 def _shard(batch, devices: int):
@@ -689,6 +719,25 @@ class Checkpoints:
 # -------------------------------------------------------------------------- logs
 
 
+def _tensorboardx_writer():
+    """tensorboardX's ``SummaryWriter``, or None when it is not installed.
+
+    tensorboardX imports PyTorch whenever that is installed, only to accept its tensors:
+    2.2 s of every run's start. jaxcap logs floats, so PyTorch is kept out while
+    tensorboardX loads (a ``None`` module makes its ``import torch`` fail)."""
+    keep_out = "torch" not in sys.modules
+    if keep_out:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    finally:
+        if keep_out:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsLog:
     """``metrics.jsonl`` (and TensorBoard events when tensorboardX is installed)."""
 
@@ -709,11 +758,9 @@ class MetricsLog:
                     out.writelines(line + "\n" for line, k in zip(lines, keep) if not k)
                 kept = [line for line, k in zip(lines, keep) if k]
                 write_text_atomic(self.path, "".join(line + "\n" for line in kept))
-        try:
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
-        except ImportError:
-            self.writer = None
+        summary_writer = _tensorboardx_writer()
+        if summary_writer is not None:
+            self.writer = summary_writer(str(workdir / "tensorboard"), purge_step=resume_step + 1)
 
     @staticmethod
     def _keep(record, step, epochs) -> bool:
@@ -804,8 +851,7 @@ def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index
                            vocabulary, SearchOptions(max_length=config.eval.max_length),
                            max_batch=config.eval.batch_size)
     for batch in batcher.epoch(0):
-        out = jax.device_get(flax.jax_utils.unreplicate(p_eval(replicated,
-                                                               _shard(batch, devices))))
+        out = unreplicate(p_eval(replicated, _shard(batch, devices)))
         sums = out if sums is None else jax.tree.map(np.add, sums, out)
         captions.append(search(model_inputs(batch)).tokens)
         images.append(np.where(batch["weights"] > 0, batch["image_index"], -1))
@@ -933,7 +979,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     del state
 
     def host_state():
-        return jax.device_get(flax.jax_utils.unreplicate(replicated))
+        return unreplicate(replicated)
 
     def check_finite(step):
         if bool(jax.device_get(replicated.nonfinite[0])):

@@ -5,9 +5,10 @@ import functools
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +23,7 @@ from jaxcap.models.decoders import VARIANTS, SoftAttentionDecoder, make_decoder
 from jaxcap.models.encoder import build_encoder
 from jaxcap.runs import load_run
 from jaxcap.train import (init_state, learning_rate_schedule, make_optimizer, replicate,
-                          train_step)
+                          train_step, unreplicate)
 from tests.killing import kill_after_checkpoint
 
 TINY = "tiny"  # jaxcap/configs/tiny.py
@@ -80,11 +81,11 @@ def test_pmap_step_on_four_devices_equals_one_device_on_the_whole_batch(rng):
     devices = jax.local_devices()
     assert len(devices) == 4
     four = jax.pmap(step, axis_name="batch")(
-        flax.jax_utils.replicate(state), jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch),
-        flax.jax_utils.replicate(rng_key))
+        replicate(state), jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch),
+        replicate(rng_key))
     one = jax.pmap(step, axis_name="batch", devices=devices[:1])(
-        flax.jax_utils.replicate(state, devices[:1]), jax.tree.map(lambda x: x[None], batch),
-        flax.jax_utils.replicate(rng_key, devices[:1]))
+        replicate(state, devices[:1]), jax.tree.map(lambda x: x[None], batch),
+        replicate(rng_key, devices[:1]))
     np.testing.assert_allclose(four[1]["loss"][0], one[1]["loss"][0], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b[0], rtol=2e-5, atol=1e-7),
                  four[0].params, one[0].params)
@@ -112,6 +113,68 @@ def test_the_train_step_is_traced_once_from_the_replicated_state_to_its_own_outp
     assert traces == [0]
 
 
+def test_replicate_and_unreplicate_copy_on_the_host_without_compiling_anything(rng):
+    """Each program compiled per parameter shape (stacking, indexing) cost a tiny run 4 s
+    of its 24 with the compilation cache warm; odd shapes here, so none is cached."""
+    tree = {"w": rng.normal(size=(3, 7, 11)).astype(np.float32),
+            "step": jnp.asarray(5, jnp.int32), "key": jax.random.PRNGKey(13),
+            "flag": np.asarray(True), "half": jnp.asarray(rng.normal(size=(13,)), jnp.bfloat16)}
+    compiled = []
+
+    def count(name, *_, **__):
+        if name.endswith("backend_compile_duration"):
+            compiled.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        copies = replicate(tree)
+        back = unreplicate(copies)
+        first = replicate(tree, jax.local_devices()[:1])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiled == []
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    for name, value in tree.items():
+        assert copies[name].shape == (4, *np.shape(value))
+        assert [s.device for s in copies[name].addressable_shards] == jax.local_devices()
+        for shard in copies[name].addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data)[0], np.asarray(value))
+        assert isinstance(back[name], np.ndarray) and back[name].dtype == np.asarray(value).dtype
+        np.testing.assert_array_equal(back[name], np.asarray(value))
+        assert first[name].shape == (1, *np.shape(value))
+
+
+@pytest.mark.parametrize("variant", ["soft", "transformer"])
+def test_a_new_state_draws_the_decoder_of_the_whole_captioner_and_keeps_the_encoder(
+        rng, variant):
+    """``init_state`` initialises the decoder alone (on a grid of the encoder's shape): its
+    draws must be those of initialising the whole captioner, encoder in front."""
+    config = configs.load(TINY)
+    config.decoder.variant = variant
+    config.encoder.update(mode="end_to_end", stage=1, image_size=16)
+    metadata = dict(architecture="resnet", depth=18, variant="v1.5", preprocessing="torch")
+    model = train.make_model(config, 30, metadata)
+    tx = make_optimizer(config, learning_rate_schedule(config, 100))
+    embedding = rng.normal(size=(30, 50)).astype(np.float32)
+    encoder = jax.jit(build_encoder(metadata, stage=1).init)(jax.random.PRNGKey(1),
+                                                             np.zeros((1, 16, 16, 3)))
+    state = init_state(model, config, (16, 16, 3), embedding, encoder, tx)
+    whole = jax.jit(model.init)(
+        {"params": jax.random.PRNGKey(config.seed), "dropout": jax.random.PRNGKey(0)},
+        np.zeros((1, 16, 16, 3), np.uint8),
+        np.zeros((1, config.text.max_length - 1), np.int32))
+    expected = whole["params"]["decoder"]
+    expected["embed"]["embedding"] = embedding
+    jax.tree.map(np.testing.assert_array_equal, state.params["decoder"], expected)
+    assert jax.tree.structure(state.params["decoder"]) == jax.tree.structure(expected)
+    jax.tree.map(np.testing.assert_array_equal,
+                 {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]},
+                 encoder)
+    assert set(state.batch_stats) == {"encoder"} | ({"decoder"} & set(whole["batch_stats"]))
+    jax.tree.map(lambda m: np.testing.assert_array_equal(m, np.zeros_like(m)),
+                 state.opt_state)
+
+
 @pytest.mark.parametrize("batchnorm", ["frozen", "batch"])
 def test_an_encoder_in_the_graph_trains_its_batchnorm_over_all_devices(rng, batchnorm):
     """``encoder.batchnorm=batch`` normalises by the statistics of the whole batch, over
@@ -134,11 +197,11 @@ def test_an_encoder_in_the_graph_trains_its_batchnorm_over_all_devices(rng, batc
     step = functools.partial(train_step, model=model, tx=tx, label_smoothing=0.0)
     key, devices = jax.random.PRNGKey(0), jax.local_devices()
     four = jax.pmap(step, axis_name="batch")(
-        flax.jax_utils.replicate(state), jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]),
-                                                      batch), flax.jax_utils.replicate(key))[0]
+        replicate(state), jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]),
+                                                      batch), replicate(key))[0]
     one = jax.pmap(step, axis_name="batch", devices=devices[:1])(
-        flax.jax_utils.replicate(state, devices[:1]), jax.tree.map(lambda x: x[None], batch),
-        flax.jax_utils.replicate(key, devices[:1]))[0]
+        replicate(state, devices[:1]), jax.tree.map(lambda x: x[None], batch),
+        replicate(key, devices[:1]))[0]
     for name in ("params", "batch_stats"):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-6),
                      getattr(four, name), getattr(one, name))
@@ -155,16 +218,16 @@ def test_with_dropout_each_device_draws_its_own_stream(rng):
     state, batch, step = _tiny_training(rng, dropout=0.5)
     key = jax.random.PRNGKey(3)
     shards = jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch)
-    four = jax.pmap(step, axis_name="batch")(flax.jax_utils.replicate(state), shards,
-                                             flax.jax_utils.replicate(key))
+    four = jax.pmap(step, axis_name="batch")(replicate(state), shards,
+                                             replicate(key))
     streams = jax.jit(jax.vmap(step, axis_name="batch", in_axes=(None, 0, None)))(
         state, shards, key)
     np.testing.assert_allclose(four[1]["loss"][0], streams[1]["loss"][0], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b[0], rtol=2e-5, atol=1e-7),
                  four[0].params, streams[0].params)
     whole = jax.pmap(step, axis_name="batch", devices=jax.local_devices()[:1])(
-        flax.jax_utils.replicate(state, jax.local_devices()[:1]),
-        jax.tree.map(lambda x: x[None], batch), flax.jax_utils.replicate(key, jax.local_devices()[:1]))
+        replicate(state, jax.local_devices()[:1]),
+        jax.tree.map(lambda x: x[None], batch), replicate(key, jax.local_devices()[:1]))
     assert abs(float(whole[1]["loss"][0]) - float(four[1]["loss"][0])) > 1e-4
 
 
@@ -175,7 +238,7 @@ def test_the_learning_rate_scale_scales_every_update(rng):
     moved = {}
     for scale in (1.0, 0.5):
         scaled = state.replace(lr_scale=np.float32(scale))
-        new = one(flax.jax_utils.replicate(scaled, jax.local_devices()[:1]), *args)[0]
+        new = one(replicate(scaled, jax.local_devices()[:1]), *args)[0]
         moved[scale] = jax.tree.map(lambda a, b: a[0] - b, new.params, state.params)
     # atol: each movement is a difference of parameters up to ~4 (float32 spacing 5e-7)
     jax.tree.map(lambda full, half: np.testing.assert_allclose(half, full / 2, rtol=1e-5,
@@ -231,9 +294,9 @@ def test_a_nonfinite_step_leaves_parameters_and_adam_moments_untouched(rng, devi
     batch["features"][0, 0, 0, 0] = np.nan  # one image, on the first device only
     devices = jax.local_devices()[:device_count]
     new, metrics = jax.pmap(step, axis_name="batch", devices=devices)(
-        flax.jax_utils.replicate(state, devices),
+        replicate(state, devices),
         jax.tree.map(lambda x: x.reshape(device_count, -1, *x.shape[1:]), batch),
-        flax.jax_utils.replicate(jax.random.PRNGKey(3), devices))
+        replicate(jax.random.PRNGKey(3), devices))
     assert not np.isfinite(metrics["loss"]).any()
     assert new.nonfinite.all() and (new.step == 1).all()
     jax.tree.map(lambda kept, old: np.testing.assert_array_equal(
@@ -428,9 +491,9 @@ def test_bfloat16_training_keeps_float32_state_and_runs_decode_in_either_precisi
     one = jax.local_devices()[:1]
     step = jax.pmap(lambda s, b, r: train_step(s, b, r, model=model, tx=tx, label_smoothing=0.0),
                     axis_name="batch", devices=one)
-    state, metrics = step(flax.jax_utils.replicate(state, one),
+    state, metrics = step(replicate(state, one),
                           jax.tree.map(lambda x: x[None], batch),
-                          flax.jax_utils.replicate(jax.random.PRNGKey(0), one))
+                          replicate(jax.random.PRNGKey(0), one))
     assert metrics["loss"].dtype == np.float32 and np.isfinite(float(metrics["loss"][0]))
     leaves = jax.tree.leaves((state.params, state.opt_state))
     assert {x.dtype for x in leaves if np.issubdtype(x.dtype, np.floating)} == {
@@ -452,6 +515,24 @@ def test_bfloat16_training_keeps_float32_state_and_runs_decode_in_either_precisi
     assert cli.main(["caption", "--workdir", str(uninterrupted), str(image), "--dtype",
                      "bfloat16", "--beam", "2", "--output", str(captions)]) == 0
     assert json.loads(captions.read_text())["caption"]
+
+
+def test_the_metrics_reach_tensorboard_without_importing_pytorch(tmp_path):
+    """tensorboardX imports PyTorch whenever it is installed (2.2 s of each run's start):
+    the run's log keeps it out, and PyTorch imports as usual afterwards."""
+    pytest.importorskip("tensorboardX")
+    script = (f"import importlib.util, sys; from pathlib import Path; from jaxcap import train; "
+              f"log = train.MetricsLog(Path({str(tmp_path)!r}), 0, 0); "
+              f"log.write({{'step': 1, 'epoch': 0, 'loss': 2.5}}); log.close(); "
+              f"print('torch' in sys.modules); "
+              f"importlib.util.find_spec('torch') and __import__('torch').zeros(1)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False"]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.5
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and b"train/loss" in events[0].read_bytes()
 
 
 def test_nan_loss_stops_the_run_without_a_checkpoint_of_it(tmp_path, data_dir, capsys):
