@@ -172,8 +172,8 @@ def main() -> None:
     rows += [convolution_row(*c, args.repetitions, weight_gradient=gradient)
              for c in TRAINED_CONVOLUTIONS for gradient in (False, True)]
     rows += [product_row(*p, "bfloat16", args.repetitions) for p in PRODUCTS]
-    print(f"| product | dtype | XLA GFLOP/s | XLA, weight stored transposed | PyTorch GFLOP/s "
-          f"| XLA / PyTorch |\n| --- | --- | --- | --- | --- | --- |")
+    print("| product | dtype | XLA GFLOP/s | XLA, weight stored transposed | PyTorch GFLOP/s "
+          "| XLA / PyTorch |\n| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['name']} | {row['dtype']} | {row['xla']} | {row.get('xla_wt', '')} | "
               f"{row['torch']} | {row['xla'] / row['torch']:.2f} |")
