@@ -982,7 +982,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         return unreplicate(replicated)
 
     def check_finite(step):
-        if bool(jax.device_get(replicated.nonfinite[0])):
+        if bool(unreplicate(replicated.nonfinite)):
             raise TrainingError(
                 f"the loss became NaN or Inf before step {step}; that update was not applied "
                 f"and no checkpoint of it was written. Lower learning_rate or check the data; "
@@ -1003,9 +1003,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 replicated, metrics = p_train(replicated, _shard(batch, devices), base_rng,
                                               references)
                 step += 1
-                metrics = {key: value[0] for key, value in metrics.items()}
+                # Summed on the devices (every one holds the same values): no wait here.
                 interval["sums"] = metrics if interval["sums"] is None else jax.tree.map(
-                    jnp.add, interval["sums"], metrics)  # on the device: no wait here
+                    jnp.add, interval["sums"], metrics)
                 interval["count"] += 1
                 bar.update(1)
                 at_epoch_end = step % steps_per_epoch == 0 or step == total_steps
@@ -1016,9 +1016,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     elapsed = time.perf_counter() - interval["start"]
                     record = {"step": step, "epoch": epoch,
                               **{k: float(v) / interval["count"]
-                                 for k, v in interval["sums"].items()},
+                                 for k, v in unreplicate(interval["sums"]).items()},
                               "learning_rate": float(schedule(step - 1)) *
-                              float(replicated.lr_scale[0]),
+                              float(unreplicate(replicated.lr_scale)),
                               "captions_per_s": interval["count"] * config.batch_size / elapsed}
                     metrics_log.write(record)
                     shown = "reward" if by_scst else "loss"
