@@ -197,8 +197,8 @@ def test_an_encoder_in_the_graph_trains_its_batchnorm_over_all_devices(rng, batc
     step = functools.partial(train_step, model=model, tx=tx, label_smoothing=0.0)
     key, devices = jax.random.PRNGKey(0), jax.local_devices()
     four = jax.pmap(step, axis_name="batch")(
-        replicate(state), jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]),
-                                                      batch), replicate(key))[0]
+        replicate(state), jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch),
+        replicate(key))[0]
     one = jax.pmap(step, axis_name="batch", devices=devices[:1])(
         replicate(state, devices[:1]), jax.tree.map(lambda x: x[None], batch),
         replicate(key, devices[:1]))[0]
@@ -218,8 +218,7 @@ def test_with_dropout_each_device_draws_its_own_stream(rng):
     state, batch, step = _tiny_training(rng, dropout=0.5)
     key = jax.random.PRNGKey(3)
     shards = jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch)
-    four = jax.pmap(step, axis_name="batch")(replicate(state), shards,
-                                             replicate(key))
+    four = jax.pmap(step, axis_name="batch")(replicate(state), shards, replicate(key))
     streams = jax.jit(jax.vmap(step, axis_name="batch", in_axes=(None, 0, None)))(
         state, shards, key)
     np.testing.assert_allclose(four[1]["loss"][0], streams[1]["loss"][0], rtol=1e-6)
@@ -521,13 +520,13 @@ def test_the_metrics_reach_tensorboard_without_importing_pytorch(tmp_path):
     """tensorboardX imports PyTorch whenever it is installed (2.2 s of each run's start):
     the run's log keeps it out, and PyTorch imports as usual afterwards."""
     pytest.importorskip("tensorboardX")
-    script = (f"import importlib.util, sys; from pathlib import Path; from jaxcap import train; "
-              f"log = train.MetricsLog(Path({str(tmp_path)!r}), 0, 0); "
-              f"log.write({{'step': 1, 'epoch': 0, 'loss': 2.5}}); log.close(); "
-              f"print('torch' in sys.modules); "
-              f"importlib.util.find_spec('torch') and __import__('torch').zeros(1)")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    script = ("import importlib.util, sys; from pathlib import Path; from jaxcap import train; "
+              "log = train.MetricsLog(Path(sys.argv[1]), 0, 0); "
+              "log.write({'step': 1, 'epoch': 0, 'loss': 2.5}); log.close(); "
+              "print('torch' in sys.modules); "
+              "importlib.util.find_spec('torch') and __import__('torch').zeros(1)")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False"]
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.5
