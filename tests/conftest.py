@@ -12,20 +12,27 @@ import shutil
 import tempfile
 import threading
 
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]).strip()
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=4"
+if DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):  # an xdist worker inherits it
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), DEVICE_COUNT_FLAG]).strip()
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most of the suite's time is XLA compiling the same few programs again: in each test
 # module's process (caches are released between modules, below) and in the processes
 # tests start (a killed and resumed run, the distributed pair, the notebook's kernel),
 # which inherit this. One persistent compilation cache for the session compiles each
-# program once; a cached executable is the same program, so no result changes.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    COMPILATION_CACHE = tempfile.mkdtemp(prefix="jaxcap-tests-compilation-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
+# program once; a cached executable is the same program, so no result changes. Under
+# pytest-xdist each worker process has a cache of its own in the session's folder: JAX
+# writes an entry in place, without a lock, so a process could read another's half-written
+# entry. (A cache of the caller's own, named by JAX_COMPILATION_CACHE_DIR, is kept as it is.)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the session's first process
+    CACHE_ROOT = tempfile.mkdtemp(prefix="jaxcap-tests-compilation-cache-")
+    os.environ["JAXCAP_TESTS_CACHE_ROOT"] = CACHE_ROOT
 else:
-    COMPILATION_CACHE = None  # the caller's own, kept
+    CACHE_ROOT = None  # the caller's own, or the session's when this is an xdist worker
+if "JAXCAP_TESTS_CACHE_ROOT" in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        os.environ["JAXCAP_TESTS_CACHE_ROOT"], os.environ.get("PYTEST_XDIST_WORKER", "main"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402  (after the flags above)
@@ -40,8 +47,8 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    if COMPILATION_CACHE is not None:
-        shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
+    if CACHE_ROOT is not None:
+        shutil.rmtree(CACHE_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
