@@ -333,23 +333,30 @@ def download_official(source: str, cache_dir: str | os.PathLike | None = None,
 
 
 def init_weights(out_dir: str | os.PathLike, depth: int = 50, variant: str = "v1.5",
-                 seed: int = 0, log=print) -> Path:
+                 seed: int = 0, log=print, stages: int = 4) -> Path:
     """Writes randomly initialised weights (a network trained from scratch starts here).
 
     BatchNorm statistics start at mean 0, variance 1; the preprocessing is the
-    one that goes with the variant's usual weight source.
+    one that goes with the variant's usual weight source. ``stages`` < 4 draws the
+    stem and the first stages only (``encoder.cut_to_stage``), each parameter as the
+    whole network draws it: Flax draws a parameter from its own path.
     """
     preprocessing = {variant: style for variant, style in SOURCE_FORMAT.values()}.get(variant)
     if preprocessing is None:
         raise WeightsError(f"variant must be one of {sorted(v for v, _ in SOURCE_FORMAT.values())}")
     if depth not in STAGE_SIZES:
         raise WeightsError(f"depth must be one of {sorted(STAGE_SIZES)}, got {depth}")
+    if not 1 <= stages <= 4:
+        raise WeightsError(f"stages must be 1..4, got {stages}")
     metadata = dict(architecture="resnet", depth=depth, variant=variant,
                     preprocessing=preprocessing, source=dict(kind="init", seed=seed))
+    if stages < 4:
+        metadata["stages"] = stages
     module = build_encoder(metadata)
     variables = jax.jit(module.init)(jax.random.PRNGKey(seed), np.zeros((1, 64, 64, 3), np.float32))
     out = save_encoder(out_dir, jax.tree.map(np.asarray, variables), metadata)
-    log(f"initialised ResNet-{depth} {variant} (seed {seed}) -> {out}")
+    held = "" if stages == 4 else f", stem and stages 1-{stages}"
+    log(f"initialised ResNet-{depth} {variant} (seed {seed}{held}) -> {out}")
     return out
 
 

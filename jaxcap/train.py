@@ -61,7 +61,8 @@ from jaxcap.metrics import caption_metrics, object_metrics
 from jaxcap.models import precision
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import make_decoder
-from jaxcap.models.encoder import build_encoder, load_encoder, read_metadata
+from jaxcap.models.encoder import (build_encoder, cut_to_stage, load_encoder, read_metadata,
+                                   save_encoder)
 from jaxcap.models.resnet import output_channels
 
 # Config sections that define the model and its data: a resumed run must not change them.
@@ -192,20 +193,22 @@ def _start_from_run(config: ml_collections.ConfigDict, workdir: Path, log) -> Pa
     return run
 
 
-def _prepare_encoder(config, workdir: Path) -> Path:
-    """``workdir/encoder``: the converted weights copied in, or random ones made there."""
+def prepare_encoder(config, workdir: Path) -> Path:
+    """``workdir/encoder``: the converted weights, or random ones, of the stem and the
+    stages the model uses (``encoder.stage``): the stages after it would only be
+    carried through every optimizer step and checkpoint. (A run written before keeps
+    its whole network.)"""
     target = workdir / "encoder"
     if target.exists():
         return target
     if config.encoder.weights:
-        read_metadata(config.encoder.weights)  # a clear error for a wrong directory
-        staging = workdir / ".encoder.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(Path(config.encoder.weights).expanduser(), staging)
-        os.replace(staging, target)
+        metadata, variables = cut_to_stage(
+            *load_encoder(Path(config.encoder.weights).expanduser()), config.encoder.stage)
+        save_encoder(target, variables, metadata)
     else:
         init_weights(target, config.encoder.init_depth, config.encoder.init_variant,
-                     seed=config.seed, log=lambda m: print(m, file=sys.stderr))
+                     seed=config.seed, log=lambda m: print(m, file=sys.stderr),
+                     stages=config.encoder.stage)
     return target
 
 
@@ -229,7 +232,9 @@ def prepare_dataset(config):
 def _features_dir(config, built, encoder_dir: Path, split: str) -> Path:
     if config.encoder.features_dir:
         return Path(os.path.expanduser(config.encoder.features_dir)) / split
-    metadata = read_metadata(encoder_dir)
+    # Keyed by the weights and the cut, not by how many stages the run's copy holds: a
+    # run's copy and the whole converted weights extract the same features.
+    metadata = {k: v for k, v in read_metadata(encoder_dir).items() if k != "stages"}
     key = hashlib.sha256(json.dumps([metadata, config.encoder.stage, config.encoder.grid,
                                      config.encoder.image_size, config.encoder.resize],
                                     sort_keys=True).encode()).hexdigest()[:12]
@@ -905,7 +910,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             vocabulary = Vocabulary.build((c for caps in train_index.captions for c in caps),
                                           config.text.min_count)
             vocabulary.save(vocabulary_path)
-        encoder_dir = _prepare_encoder(config, workdir)
+        encoder_dir = prepare_encoder(config, workdir)
         features = ((prepare_features(config, built, encoder_dir, "train"),
                      prepare_features(config, built, encoder_dir, "val"))
                     if config.encoder.mode == "features" else (None, None))

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from jaxcap import __version__, cli, configs, train
+from jaxcap.convert import init_weights
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import VARIANTS, SoftAttentionDecoder, make_decoder
 from jaxcap.models.encoder import build_encoder
@@ -345,6 +346,26 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, d
     moved = list((workdir / "unreadable_checkpoints").iterdir())
     assert [p.name.split("-")[0] for p in moved] == ["18"]  # that one, and nothing else
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [12, 16, 18]
+
+
+def test_a_run_holds_the_encoder_stages_its_model_uses_and_one_with_all_resumes_alike(
+        tmp_path, data_dir, uninterrupted):
+    """A new run's encoder is cut after its stage (2 in tiny); a run written before, whose
+    copy holds the whole network, resumes as it was and trains the same losses."""
+    cut = train.saved_layout(uninterrupted / "checkpoints" / "18")
+    assert {path.split("/")[1][:6] for path in cut if path.startswith("encoder/")} == {
+        "stem_b", "stem_c", "stage1", "stage2"}
+    workdir = tmp_path / "whole_encoder"
+    config = configs.load(TINY)
+    init_weights(workdir / "encoder", config.encoder.init_depth, config.encoder.init_variant,
+                 seed=config.seed, log=lambda _: None)
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_epochs=2")) == 0
+    assert cli.main(_train_args(workdir, data_dir)) == 0  # resumed for the third epoch
+    whole = train.saved_layout(workdir / "checkpoints" / "18")
+    assert set(whole) - set(cut) == {path for path in whole if path.startswith(
+        ("encoder/stage3", "encoder/stage4"))} != set()
+    assert _losses(workdir) == _losses(uninterrupted)
+    assert _evals(workdir) == _evals(uninterrupted)
 
 
 @pytest.fixture(scope="module")
