@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jaxcap.data.images import ImageError, load_image
-from jaxcap.models.encoder import build_encoder, load_encoder
+from jaxcap.models.encoder import build_encoder, load_encoder, weights_identity
 from jaxcap.models.preprocessing import normalize
 from jaxcap.models.resnet import output_channels, output_size
 
@@ -163,7 +163,8 @@ def extract_entries(weights: str | os.PathLike, entries: list, out: str | os.Pat
     settings = dict(image_size=image_size, grid=grid, stage=stage, resize=resize, dtype=dtype,
                     batch_size=batch_size)
     fingerprint = hashlib.sha256(json.dumps(
-        [settings, metadata, [name for name, _ in entries]], sort_keys=True).encode()).hexdigest()
+        [settings, weights_identity(metadata), [name for name, _ in entries]],
+        sort_keys=True).encode()).hexdigest()
 
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / RECORD_FILE

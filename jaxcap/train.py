@@ -62,7 +62,7 @@ from jaxcap.models import precision
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import make_decoder
 from jaxcap.models.encoder import (build_encoder, cut_to_stage, load_encoder, read_metadata,
-                                   save_encoder)
+                                   save_encoder, weights_identity)
 from jaxcap.models.resnet import output_channels
 
 # Config sections that define the model and its data: a resumed run must not change them.
@@ -232,9 +232,7 @@ def prepare_dataset(config):
 def _features_dir(config, built, encoder_dir: Path, split: str) -> Path:
     if config.encoder.features_dir:
         return Path(os.path.expanduser(config.encoder.features_dir)) / split
-    # Keyed by the weights and the cut, not by how many stages the run's copy holds: a
-    # run's copy and the whole converted weights extract the same features.
-    metadata = {k: v for k, v in read_metadata(encoder_dir).items() if k != "stages"}
+    metadata = weights_identity(read_metadata(encoder_dir))
     key = hashlib.sha256(json.dumps([metadata, config.encoder.stage, config.encoder.grid,
                                      config.encoder.image_size, config.encoder.resize],
                                     sort_keys=True).encode()).hexdigest()[:12]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxcap import cli, extract as extract_module
+from jaxcap.convert import init_weights
 from jaxcap.data.images import load_image
 from jaxcap.extract import extract
 from jaxcap.models.encoder import build_encoder, load_encoder
@@ -129,6 +130,22 @@ def test_complete_run_is_not_redone_and_other_settings_are_refused(tmp_path, res
     assert cli.main(args[:-3] + ["--image-size", "96", "--quiet"]) == 2
     assert "holds features from other images, weights or settings" in capsys.readouterr().err
     assert (tmp_path / "f" / "features.npy").read_bytes() == before
+
+
+def test_a_runs_cut_copy_of_the_weights_finds_the_features_of_the_whole_weights(
+        tmp_path, resnet18_weights, photo_folder):
+    """A run's encoder holds only the stages its model uses; the features of those stages
+    are the whole weights' features, and their cache is found again."""
+    quiet = dict(image_size=SIZE, stage=2, progress=False, log=lambda _: None)
+    extract(resnet18_weights, photo_folder, tmp_path / "f", **quiet)
+    whole = (tmp_path / "f" / "features.npy").read_bytes()
+    cut = init_weights(tmp_path / "cut", depth=18, variant="v1.5", seed=0, log=lambda _: None,
+                       stages=2)  # as resnet18_weights, drawn up to stage 2
+    messages = []
+    assert extract(cut, photo_folder, tmp_path / "f", **dict(quiet, log=messages.append))[
+        "complete"] and "already complete" in messages[-1]
+    extract(cut, photo_folder, tmp_path / "g", **quiet)
+    assert (tmp_path / "g" / "features.npy").read_bytes() == whole
 
 
 def test_grid_pooling_and_float16_storage(tmp_path, resnet18_weights, photo_folder):

@@ -43,6 +43,12 @@ def held_stages(metadata: dict) -> int:
     return metadata.get("stages", 4)
 
 
+def weights_identity(metadata: dict) -> dict:
+    """What names the weights, whatever stages a copy holds: a run's cut copy and the
+    converted weights it came from compute the same features."""
+    return {key: value for key, value in metadata.items() if key != "stages"}
+
+
 def build_encoder(metadata: dict, stage: int | None = None, grid: int | None = None,
                   dtype: Any = jnp.float32, batchnorm_axis: str | None = None):
     """The Flax module that the metadata describes, cut at ``stage`` (default: the last
