@@ -63,8 +63,9 @@ def main() -> None:
 
     tx = train.make_optimizer(config, train.learning_rate_schedule(config, 100))
     size = config.encoder.image_size
+    encoder_variables = {collection: tree["encoder"] for collection, tree in variables.items()}
     state = train.init_state(model, config, (size, size, 3), np.zeros(
-        (len(vocabulary), config.decoder.embed_dim), np.float32), None, tx)
+        (len(vocabulary), config.decoder.embed_dim), np.float32), encoder_variables, tx)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=tx.init(variables["params"]))
     replicated_state = train.replicate(state)
