@@ -550,10 +550,17 @@ def param_layout(tree) -> dict[str, list[int]]:
 
 def saved_layout(step_dir: Path, collection: str = "params") -> dict[str, list[int]]:
     """The layout of a checkpoint's (``checkpoints/STEP``) ``params`` or ``batch_stats``,
-    read from its metadata."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(step_dir / "state")
-    return param_layout(metadata.item_metadata.tree.get(collection, {}))
+    read from its metadata.
+
+    Read by the item's handler: a checkpointer would also look for checkpoint-level
+    metadata inside the item's directory (it lies one level up) and log a warning on
+    every load of a run."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        tree = handler.metadata(step_dir / "state").tree
+    finally:
+        handler.close()
+    return param_layout(tree.get(collection, {}))
 
 
 def _is_access_error(error: BaseException) -> bool:

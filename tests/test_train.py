@@ -325,6 +325,17 @@ def test_run_writes_a_self_describing_directory(uninterrupted):
     assert [p.name for p in (uninterrupted / "best").iterdir() if p.name.isdigit()]
 
 
+def test_a_run_loads_without_orbax_warnings_and_its_layout_reads_from_the_metadata(
+        uninterrupted, caplog):
+    with caplog.at_level("WARNING"):
+        run = load_run(uninterrupted)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    best = next(p for p in (uninterrupted / "best").iterdir() if p.name.isdigit())
+    assert train.saved_layout(best) == train.param_layout(run.variables["params"])
+    assert train.saved_layout(best, "batch_stats") == train.param_layout(
+        run.variables["batch_stats"])
+
+
 def test_sigkill_and_restart_reproduce_the_uninterrupted_losses(tmp_path, data_dir, uninterrupted):
     workdir = tmp_path / "killed"
     kill_after_checkpoint(_train_args(workdir, data_dir), workdir, 8)
