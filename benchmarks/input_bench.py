@@ -93,7 +93,7 @@ def main() -> None:
                                           FeatureStore(features_dir)), args.repetitions)
     training = BATCH * 10 / best_seconds(train_bench.jaxcap_run(train_bench.batches(10)),
                                          args.repetitions)
-    encoder, _ = extract_bench.jaxcap_images_per_s(BATCH, args.repetitions)
+    encoder = BATCH / best_seconds(extract_bench.jaxcap_run(BATCH)[0], args.repetitions)
     figures = dict(
         image_pipeline_examples_per_s=round(images, 1),
         feature_pipeline_examples_per_s=round(features, 1),
