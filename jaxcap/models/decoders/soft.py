@@ -122,9 +122,13 @@ def _scan(module: SoftAttentionDecoder, carry, word_gates, projected, regions, s
     # x 2048) about twice as fast with the weight stored transposed (a copy made
     # once, outside the loop), which made the training step ~15% faster on an Intel
     # Xeon; in bfloat16 the plain layout is the fast one (benchmarks/shapes_bench.py).
+    # The copy is made row-major behind a barrier, as a flat vector: a plain ``.T``
+    # was laid out column-major (a relabelling, yet copied element by element) and
+    # then copied again into the loop's row-major operand, two passes where one does.
     kernel_t = None
     if module.dtype == jnp.float32 and not module.is_initializing():
-        kernel_t = module.variables["params"]["context_gates"]["kernel"].T
+        kernel = module.variables["params"]["context_gates"]["kernel"]
+        kernel_t = jax.lax.optimization_barrier(kernel.T.ravel()).reshape(kernel.shape[::-1])
     scan = nn.scan(
         body,
         variable_broadcast="params",
