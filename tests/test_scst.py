@@ -190,3 +190,16 @@ def test_a_bad_init_from_is_a_clear_error(tmp_path, data_dir, cross_entropy_run,
     assert "scst.baseline must be one of" in error(f"--config.init_from={cross_entropy_run}",
                                                    "--config.scst.baseline=best")
     assert not (tmp_path / "new" / "checkpoints").exists()
+
+
+def test_the_scst_benchmark_times_a_trained_run(cross_entropy_run, monkeypatch, capsys):
+    from benchmarks import scst_bench
+
+    monkeypatch.setattr("sys.argv", ["scst_bench.py", "--init-from", str(cross_entropy_run),
+                                     "--repetitions", "1", "--samples", "2"])
+    scst_bench.main()
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["samples"] == 2
+    for key in ("scst_step_ms", "cross_entropy_step_ms", "reward_ms", "pycocoevalcap_reward_ms"):
+        assert figures[key] > 0, key
+    assert 0 < figures["reward_share_of_step"] < 1
