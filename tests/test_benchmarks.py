@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("torch", reason="the benchmarks' PyTorch peers import it (the test extra "
+                    "installs it)")
+
 BENCHMARKS = sorted((Path(__file__).parent.parent / "benchmarks").glob("*.py"))
 OURS = ("jaxcap", "benchmarks")
 
