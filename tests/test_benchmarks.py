@@ -35,9 +35,8 @@ def _references(tree: ast.Module):
             for alias in node.names:
                 if _ours(alias.name):
                     # ``import a.b`` binds ``a``; ``import a.b as c`` binds ``c`` to a.b.
-                    name = alias.asname or alias.name.split(".")[0]
-                    bound[name] = importlib.import_module(alias.asname and alias.name
-                                                          or name)
+                    module = alias.name if alias.asname else alias.name.split(".")[0]
+                    bound[alias.asname or module] = importlib.import_module(module)
         elif isinstance(node, ast.ImportFrom) and node.module and _ours(node.module):
             module = importlib.import_module(node.module)
             for alias in node.names:
@@ -50,13 +49,20 @@ def _references(tree: ast.Module):
                         missing.append((node.lineno, f"{node.module}.{alias.name}"))
                         continue
                 bound[alias.asname or alias.name] = target
+    def module_of(node):
+        """The module of ours that ``node`` (a name or a chain of attributes) stands for."""
+        if isinstance(node, ast.Name):
+            found = bound.get(node.id)
+        elif isinstance(node, ast.Attribute) and module_of(node.value) is not None:
+            found = getattr(module_of(node.value), node.attr, None)
+        else:
+            return None
+        return found if inspect.ismodule(found) and _ours(found.__name__) else None
+
     calls = {id(node.func): node for node in ast.walk(tree) if isinstance(node, ast.Call)}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
-                inspect.ismodule(bound.get(node.value.id)):
-            module = bound[node.value.id]
-            if not _ours(module.__name__):
-                continue
+        if isinstance(node, ast.Attribute) and module_of(node.value) is not None:
+            module = module_of(node.value)
             target = getattr(module, node.attr, None)
             yield node.lineno, f"{module.__name__}.{node.attr}", target, calls.get(id(node))
         elif isinstance(node, ast.Name) and node.id in bound and callable(bound[node.id]) \
@@ -67,6 +73,7 @@ def _references(tree: ast.Module):
 
 
 def _problems(source: str, filename: str) -> list[str]:
+    """What is wrong with the names of ours that ``source`` reads, in line order."""
     problems = []
     for line, name, target, call in _references(ast.parse(source, filename)):
         if target is None:
@@ -84,7 +91,7 @@ def _problems(source: str, filename: str) -> list[str]:
             signature.bind(*call.args, **{k.arg: k.value for k in call.keywords})
         except TypeError as error:
             problems.append(f"{filename}:{line}: {name}(...): {error}")
-    return problems
+    return sorted(problems, key=lambda problem: int(problem.split(":")[1]))
 
 
 @pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
@@ -98,7 +105,9 @@ def test_the_check_finds_a_missing_name_and_calls_that_do_not_bind():
               "extract_bench.jaxcap_images_per_s(32, 3)\n"
               "extract_bench.jaxcap_run(32, 'float32', 'extra', 'args')\n"
               "init_state(1, 2, 3)\n"
-              "extract_bench.jaxcap_run(32)\n")
+              "extract_bench.jaxcap_run(32)\n"
+              "import jaxcap.train\n"
+              "jaxcap.train.init_state_of_old\n")
     problems = _problems(source, "bad.py")
-    assert [p.split(":")[1] for p in problems] == ["3", "4", "5"], problems
+    assert [p.split(":")[1] for p in problems] == ["3", "4", "5", "8"], problems
     assert "jaxcap_images_per_s does not exist" in problems[0]
