@@ -69,8 +69,7 @@ def main() -> None:
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=tx.init(variables["params"]))
     replicated_state = train.replicate(state)
-    devices = jax.local_device_count()
-    sharded = jax.tree.map(lambda x: x.reshape(devices, -1, *x.shape[1:]), batch)
+    sharded = train.shard(batch, jax.local_device_count())
     rng = train.replicate(jax.random.PRNGKey(0))
     replicated_refs = train.replicate(references)
 

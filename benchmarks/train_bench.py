@@ -42,7 +42,7 @@ from benchmarks.common import best_seconds_alternating, machine, machine_line, m
 from jaxcap import configs  # noqa: E402
 from jaxcap.data.pipeline import EpochExamples, PipelineOptions  # noqa: E402
 from jaxcap.train import (init_state, learning_rate_schedule, make_model,  # noqa: E402
-                          make_optimizer, replicate, train_step)
+                          make_optimizer, replicate, shard, train_step)
 
 BATCH, VOCAB, MAX_LENGTH, GRID, FEATURES = 32, 3000, 22, 7, 2048
 
@@ -111,9 +111,7 @@ def jaxcap_run(data: list[dict], fast_path: bool = True, dtype: str = "float32")
                                       label_smoothing=0.0),
                     axis_name="batch", donate_argnums=(0,))
     rng = replicate(jax.random.PRNGKey(0))
-    devices = jax.local_device_count()
-    sharded = [jax.tree.map(lambda x: x.reshape(devices, -1, *x.shape[1:]),
-                            {k: v for k, v in b.items() if k != "lengths"})
+    sharded = [shard({k: v for k, v in b.items() if k != "lengths"}, jax.local_device_count())
                for b in bucketed(data)]
     holder = {"state": state}
 

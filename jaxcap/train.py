@@ -530,7 +530,9 @@ def unreplicate(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)
 
 
-def _shard(batch, devices: int):
+def shard(batch, devices: int):
+    """A host batch split along its first axis into one slice per local device, as the
+    pmapped steps take it."""
     return jax.tree.map(lambda x: x.reshape(devices, x.shape[0] // devices, *x.shape[1:]), batch)
 
 
@@ -861,7 +863,7 @@ def evaluate_split(replicated, state: TrainState, model, batcher: Batcher, index
                            vocabulary, SearchOptions(max_length=config.eval.max_length),
                            max_batch=config.eval.batch_size)
     for batch in batcher.epoch(0):
-        out = unreplicate(p_eval(replicated, _shard(batch, devices)))
+        out = unreplicate(p_eval(replicated, shard(batch, devices)))
         sums = out if sums is None else jax.tree.map(np.add, sums, out)
         captions.append(search(model_inputs(batch)).tokens)
         images.append(np.where(batch["weights"] > 0, batch["image_index"], -1))
@@ -1010,7 +1012,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             p_train = p_scst if by_scst else p_cross_entropy
             switches_next = scst_from is not None and epoch + 1 == scst_from
             for batch in train_batches.epoch(epoch, first):
-                replicated, metrics = p_train(replicated, _shard(batch, devices), base_rng,
+                replicated, metrics = p_train(replicated, shard(batch, devices), base_rng,
                                               references)
                 step += 1
                 # Summed on the devices (every one holds the same values): no wait here.
