@@ -1,6 +1,7 @@
-"""Test-wide setup: 4 simulated CPU devices, so every multi-device path runs.
+"""Test-wide setup: 4 simulated CPU devices, so every multi-device path runs, and
+the rest of the suite's XLA flags (``tests/xla_flags.py``).
 
-XLA reads the flag when JAX initialises its backend, so it is set here, before
+XLA reads its flags when JAX initialises its backend, so they are set here, before
 any test module imports JAX. Keras runs on the JAX backend (no TensorFlow).
 """
 
@@ -12,9 +13,9 @@ import shutil
 import tempfile
 import threading
 
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=4"
-if DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):  # an xdist worker inherits it
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), DEVICE_COUNT_FLAG]).strip()
+from tests.xla_flags import with_devices
+
+os.environ["XLA_FLAGS"] = with_devices(os.environ.get("XLA_FLAGS", ""), devices=4)
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most of the suite's time is XLA compiling the same few programs again: in each test

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxcap import distributed
+from tests.xla_flags import with_devices
 
 TINY = "tiny"  # jaxcap/configs/tiny.py
 TIMEOUT_S = 400
@@ -36,7 +37,7 @@ def _free_port() -> int:
 
 def _train(workdir, data_dir, epochs, devices, *extra) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=with_devices(os.environ["XLA_FLAGS"], devices))
     return subprocess.Popen(
         [sys.executable, "-m", "jaxcap.cli", "train", "--config", TINY, "--workdir", str(workdir),
          f"--config.dataset.data_dir={data_dir}", f"--config.num_epochs={epochs}", *extra],

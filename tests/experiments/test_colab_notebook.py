@@ -3,10 +3,13 @@
 import base64
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from tests.xla_flags import with_devices
 
 nbformat = pytest.importorskip("nbformat", reason="nbformat reads the notebook (pip install "
                                "'.[test]')")
@@ -25,7 +28,7 @@ def test_the_colab_notebook_runs_every_cell_on_a_cpu(tmp_path, monkeypatch):
     notebook.cells.insert(parameters + 1, nbformat.v4.new_code_cell(
         f"SMOKE_TEST = True\nACCELERATOR = 'cpu'\nWORK = {str(tmp_path / 'work')!r}"))
     # The kernel inherits the environment: 8 CPU devices stand in for the TPU's cores.
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.setenv("XLA_FLAGS", with_devices(os.environ["XLA_FLAGS"], 8))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
