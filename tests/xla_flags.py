@@ -5,9 +5,13 @@ optimisation of the machine code of XLA's own loops. The suite's programs are
 small and each runs for milliseconds, so most of its time went to LLVM
 optimising code that barely ran: on a 2-core AMD EPYC (2026-11-30) the whole
 suite took 14:39 at level 0 and 15:08 at level 1, against 20:12 at the default,
-level 2, every test passing each time. The level is a code-generation setting
-only: XLA's HLO passes (fusion, layouts, the library kernels its products and
-convolutions call) are the same at every level. A level the caller sets wins.
+level 2, every test passing each time. The level is a code-generation setting:
+XLA's HLO passes (fusion, layouts, the library kernels its products and
+convolutions call) are the same at every level (a ResNet-18 training step's
+optimised HLO is identical at 0 and 2), but its loops round differently (98% of
+that step's gradient values differ, by at most 1.5e-6 of the largest). Every
+comparison in the suite is between programs compiled alike, or against a peer
+(Keras, PyTorch) within a tolerance. A level the caller sets wins.
 """
 
 import re
