@@ -17,7 +17,8 @@ nbclient = pytest.importorskip("nbclient", reason="nbclient executes the noteboo
                                "'.[test]')")
 pytest.importorskip("ipykernel", reason="the notebook runs in an IPython kernel")
 
-NOTEBOOK = Path(__file__).parents[2] / "experiments" / "colab_tpu.ipynb"
+ROOT = Path(__file__).parents[2]
+NOTEBOOK = ROOT / "experiments" / "colab_tpu.ipynb"
 
 
 def test_the_colab_notebook_runs_every_cell_on_a_cpu(tmp_path, monkeypatch):
@@ -30,6 +31,11 @@ def test_the_colab_notebook_runs_every_cell_on_a_cpu(tmp_path, monkeypatch):
     # The kernel inherits the environment: 8 CPU devices stand in for the TPU's cores.
     monkeypatch.setenv("XLA_FLAGS", with_devices(os.environ["XLA_FLAGS"], 8))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    # The kernel starts in tmp_path: without the checkout on its path it would import
+    # whichever jaxcap is installed, and where none is, the install cell would reach
+    # for the network.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
