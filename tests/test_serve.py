@@ -4,6 +4,7 @@ error path, bounded concurrency and memory, and the page in a headless browser."
 import asyncio
 import collections
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -313,7 +314,10 @@ def test_200_requests_from_32_clients_each_get_their_own_answer(trained_run, run
     assert lines.count("latency_ms=") == 64 + 200  # one log line per request
 
 
-def _browser():
+def _browser(tmp_path):
+    """Headless Chromium; its temporary files (with ``--disable-dev-shm-usage`` its
+    shared memory too, which it leaves behind as empty ``org.chromium.Chromium.*``
+    folders) go under ``tmp_path``, not the machine's ``/tmp``."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not (chromium and driver):
@@ -325,8 +329,9 @@ def _browser():
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
                  "--window-size=1200,900"):
         options.add_argument(flag)
-    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver),
-                            options=options)
+    service = webdriver.ChromeService(executable_path=driver,
+                                      env={**os.environ, "TMPDIR": str(tmp_path)})
+    return webdriver.Chrome(service=service, options=options)
 
 
 def test_the_page_captions_an_upload_and_shows_a_words_attention(run, sample_photos, tmp_path):
@@ -334,7 +339,7 @@ def test_the_page_captions_an_upload_and_shows_a_words_attention(run, sample_pho
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser = _browser()
+    browser = _browser(tmp_path)
     try:
         with serving(create_app(run, DEFAULTS, max_batch=8)) as url:
             browser.get(url)
