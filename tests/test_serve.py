@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -314,10 +315,13 @@ def test_200_requests_from_32_clients_each_get_their_own_answer(trained_run, run
     assert lines.count("latency_ms=") == 64 + 200  # one log line per request
 
 
-def _browser(tmp_path):
-    """Headless Chromium; its temporary files (with ``--disable-dev-shm-usage`` its
-    shared memory too, which it leaves behind as empty ``org.chromium.Chromium.*``
-    folders) go under ``tmp_path``, not the machine's ``/tmp``."""
+@contextlib.contextmanager
+def _browser():
+    """Headless Chromium, and afterwards no trace of it in ``/tmp``: it left an empty
+    ``org.chromium.Chromium.*`` folder there (its profile's singleton socket) on
+    every run. Its ``TMPDIR`` is a folder of its own, removed after it quits, with a
+    short path: a socket's path must fit in 108 bytes, and under ``tmp_path`` it did
+    not (the browser exited at start)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not (chromium and driver):
@@ -329,9 +333,14 @@ def _browser(tmp_path):
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
                  "--window-size=1200,900"):
         options.add_argument(flag)
-    service = webdriver.ChromeService(executable_path=driver,
-                                      env={**os.environ, "TMPDIR": str(tmp_path)})
-    return webdriver.Chrome(service=service, options=options)
+    with tempfile.TemporaryDirectory(prefix="jaxcap-chromium-") as scratch:
+        service = webdriver.ChromeService(executable_path=driver,
+                                          env={**os.environ, "TMPDIR": scratch})
+        browser = webdriver.Chrome(service=service, options=options)
+        try:
+            yield browser
+        finally:
+            browser.quit()
 
 
 def test_the_page_captions_an_upload_and_shows_a_words_attention(run, sample_photos, tmp_path):
@@ -339,29 +348,25 @@ def test_the_page_captions_an_upload_and_shows_a_words_attention(run, sample_pho
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser = _browser(tmp_path)
-    try:
-        with serving(create_app(run, DEFAULTS, max_batch=8)) as url:
-            browser.get(url)
-            chooser = browser.find_element(By.ID, "files")
-            browser.execute_script("arguments[0].hidden = false", chooser)
-            chooser.send_keys(dict(sample_photos)["chelsea.png"])
-            WebDriverWait(browser, 60).until(
-                lambda b: b.find_elements(By.CSS_SELECTOR, "figure .word"))
-            words = browser.find_elements(By.CSS_SELECTOR, "figure .word")
-            expected = _expected(run, [("chelsea.png",
-                                        Path(dict(sample_photos)["chelsea.png"]).read_bytes())])
-            assert " ".join(w.text for w in words) == expected["chelsea.png"][0]
-            overlay = browser.find_element(By.CSS_SELECTOR, "figure canvas.overlay")
-            shaded = ("const c = arguments[0].getContext('2d').getImageData(0, 0, "
-                      "arguments[0].width, arguments[0].height).data; let n = 0; "
-                      "for (let i = 3; i < c.length; i += 4) n += c[i] > 0; return n;")
-            assert browser.execute_script(shaded, overlay) == 0
-            ActionChains(browser).move_to_element(words[0]).perform()
-            WebDriverWait(browser, 10).until(lambda b: b.execute_script(shaded, overlay) > 0)
-            screenshot = tmp_path / "serve_page.png"
-            browser.save_screenshot(str(screenshot))
-            assert Image.open(screenshot).size[0] > 0
-            print(f"screenshot: {screenshot}")
-    finally:
-        browser.quit()
+    with _browser() as browser, serving(create_app(run, DEFAULTS, max_batch=8)) as url:
+        browser.get(url)
+        chooser = browser.find_element(By.ID, "files")
+        browser.execute_script("arguments[0].hidden = false", chooser)
+        chooser.send_keys(dict(sample_photos)["chelsea.png"])
+        WebDriverWait(browser, 60).until(
+            lambda b: b.find_elements(By.CSS_SELECTOR, "figure .word"))
+        words = browser.find_elements(By.CSS_SELECTOR, "figure .word")
+        expected = _expected(run, [("chelsea.png",
+                                    Path(dict(sample_photos)["chelsea.png"]).read_bytes())])
+        assert " ".join(w.text for w in words) == expected["chelsea.png"][0]
+        overlay = browser.find_element(By.CSS_SELECTOR, "figure canvas.overlay")
+        shaded = ("const c = arguments[0].getContext('2d').getImageData(0, 0, "
+                  "arguments[0].width, arguments[0].height).data; let n = 0; "
+                  "for (let i = 3; i < c.length; i += 4) n += c[i] > 0; return n;")
+        assert browser.execute_script(shaded, overlay) == 0
+        ActionChains(browser).move_to_element(words[0]).perform()
+        WebDriverWait(browser, 10).until(lambda b: b.execute_script(shaded, overlay) > 0)
+        screenshot = tmp_path / "serve_page.png"
+        browser.save_screenshot(str(screenshot))
+        assert Image.open(screenshot).size[0] > 0
+        print(f"screenshot: {screenshot}")
