@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in COMPUTE_COMMANDS:
         keep_freed_memory()
     from jaxcap.caption import CaptionError
+    from jaxcap.checkpoints import CheckpointError
     from jaxcap.configs import ConfigError
     from jaxcap.data.glove import GloveError
     from jaxcap.data.readers import DataError
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return importlib.import_module(args.module).main(args)
     except (WeightsError, ExtractError, DataError, GloveError, ConfigError,
-            TrainingError, CaptionError, MigrationError, ServeError) as error:
+            TrainingError, CheckpointError, CaptionError, MigrationError, ServeError) as error:
         print(f"jaxcap {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

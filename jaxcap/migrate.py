@@ -31,7 +31,7 @@ from flax import traverse_util
 
 from jaxcap import __version__
 from jaxcap.runs import abstract_state, read_run
-from jaxcap.train import param_layout, read_run_info, saved_layout, write_run_info
+from jaxcap.checkpoints import param_layout, read_run_info, saved_layout, write_run_info
 
 # version that renamed -> [(old path pattern, new path)]. A release that renames a parameter
 # adds its renames here, so that 'jaxcap migrate RUN' carries older runs over unasked.

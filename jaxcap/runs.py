@@ -15,10 +15,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxcap.checkpoints import Checkpoints
 from jaxcap.data.text import Vocabulary
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.encoder import load_encoder
-from jaxcap.train import (Checkpoints, TrainingError, init_state, learning_rate_schedule,
+from jaxcap.train import (TrainingError, init_state, learning_rate_schedule,
                           make_model, make_optimizer, read_saved_config, selection_metric)
 
 

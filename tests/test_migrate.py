@@ -11,7 +11,7 @@ from flax import traverse_util
 from jaxcap import cli
 from jaxcap.migrate import rename_state
 from jaxcap.runs import abstract_state, load_run, read_run
-from jaxcap.train import Checkpoints, saved_layout
+from jaxcap.checkpoints import Checkpoints, saved_layout
 
 TINY_CONFIG = "tiny"  # jaxcap/configs/tiny.py
 

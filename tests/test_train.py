@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from jaxcap import __version__, cli, configs, train
+from jaxcap import __version__, checkpoints, cli, configs, train
 from jaxcap.convert import init_weights
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import VARIANTS, SoftAttentionDecoder, make_decoder
@@ -331,8 +331,8 @@ def test_a_run_loads_without_orbax_warnings_and_its_layout_reads_from_the_metada
         run = load_run(uninterrupted)
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
     best = next(p for p in (uninterrupted / "best").iterdir() if p.name.isdigit())
-    assert train.saved_layout(best) == train.param_layout(run.variables["params"])
-    assert train.saved_layout(best, "batch_stats") == train.param_layout(
+    assert checkpoints.saved_layout(best) == checkpoints.param_layout(run.variables["params"])
+    assert checkpoints.saved_layout(best, "batch_stats") == checkpoints.param_layout(
         run.variables["batch_stats"])
 
 
@@ -363,7 +363,7 @@ def test_a_run_holds_the_encoder_stages_its_model_uses_and_one_with_all_resumes_
         tmp_path, data_dir, uninterrupted):
     """A new run's encoder is cut after its stage (2 in tiny); a run written before, whose
     copy holds the whole network, resumes as it was and trains the same losses."""
-    cut = train.saved_layout(uninterrupted / "checkpoints" / "18")
+    cut = checkpoints.saved_layout(uninterrupted / "checkpoints" / "18")
     assert {path.split("/")[1][:6] for path in cut if path.startswith("encoder/")} == {
         "stem_b", "stem_c", "stage1", "stage2"}
     workdir = tmp_path / "whole_encoder"
@@ -372,7 +372,7 @@ def test_a_run_holds_the_encoder_stages_its_model_uses_and_one_with_all_resumes_
                  seed=config.seed, log=lambda _: None)
     assert cli.main(_train_args(workdir, data_dir, "--config.num_epochs=2")) == 0
     assert cli.main(_train_args(workdir, data_dir)) == 0  # resumed for the third epoch
-    whole = train.saved_layout(workdir / "checkpoints" / "18")
+    whole = checkpoints.saved_layout(workdir / "checkpoints" / "18")
     assert set(whole) - set(cut) == {path for path in whole if path.startswith(
         ("encoder/stage3", "encoder/stage4"))} != set()
     assert _losses(workdir) == _losses(uninterrupted)
