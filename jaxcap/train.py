@@ -52,7 +52,8 @@ from jaxcap import configs, distributed, scst
 from jaxcap.checkpoints import Checkpoints, write_run_info
 from jaxcap.convert import init_weights
 from jaxcap.data import builders, glove, shapes
-from jaxcap.data.pipeline import Batcher, FeatureStore, PipelineOptions, SplitIndex
+from jaxcap.data.pipeline import (CAPTION_MODES, Batcher, FeatureStore, PipelineOptions,
+                                  SplitIndex)
 from jaxcap.data.text import PAD_ID, Vocabulary
 from jaxcap.decode import CaptionSearch, SearchOptions
 from jaxcap.extract import extract_entries, write_text_atomic
@@ -256,6 +257,55 @@ def prepare_features(config, built, encoder_dir: Path, split: str) -> FeatureSto
 
 def _image_bytes(source, index: int) -> bytes:
     return source[index]["image"].tobytes()
+
+
+# The smallest value each numeric setting takes; learning rates and the clipping norm must
+# be above 0 (at 0 nothing trains).
+AT_LEAST = {
+    "batch_size": 1, "eval.batch_size": 1, "encoder.extract_batch_size": 1,
+    "checkpoint_every_steps": 1, "keep_checkpoints": 1, "log_every_steps": 1,
+    "warmup_steps": 0, "plateau_patience": 1, "early_stopping_patience": 0, "num_threads": 0,
+    "text.max_length": 3, "eval.max_length": 2,  # <start>, a word, <end>; <start>, <end>
+    "text.length_multiple": 0, "text.bucket_window": 1, "encoder.grid": 0,
+    "decoder.embed_dim": 1, "decoder.hidden_dim": 1, "decoder.attention_dim": 1,
+    "decoder.alpha_c": 0.0}
+ABOVE_ZERO = ("learning_rate", "scst.learning_rate", "grad_clip_norm")
+CHOICES = {"dtype": ("float32", "bfloat16"), "text.captions": CAPTION_MODES,
+           "encoder.stage": (1, 2, 3, 4)}
+
+
+def check_settings(config) -> None:
+    """The config's values in their ranges, before the run writes or builds anything: a
+    ``TrainingError`` names the first one that is not, and what it must be."""
+    def value(key):
+        return functools.reduce(lambda node, part: node[part], key.split("."), config)
+
+    def wrong(key, expected):
+        raise TrainingError(f"{key}={value(key)!r}: must be {expected}")
+
+    for key, least in AT_LEAST.items():
+        if value(key) < least:
+            wrong(key, f"at least {least}")
+    for key in ABOVE_ZERO:
+        if not value(key) > 0:
+            wrong(key, "above 0")
+    for key, choices in CHOICES.items():
+        if value(key) not in choices:
+            wrong(key, f"one of {', '.join(map(str, choices))}")
+    for key in ("decoder.dropout", "decoder.label_smoothing"):
+        if not 0 <= value(key) < 1:
+            wrong(key, "at least 0 and below 1")
+    if not 0 < config.plateau_factor <= 1:
+        wrong("plateau_factor", "above 0 and at most 1")
+    if config.num_epochs < 1 and config.num_train_steps < 1:
+        wrong("num_epochs", "at least 1 (or num_train_steps at least 1)")
+    stride = 2 ** (config.encoder.stage + 1)  # the ResNet's, at that stage
+    if config.encoder.image_size < stride:
+        wrong("encoder.image_size", f"at least {stride}, the encoder's stride at stage "
+                                    f"{config.encoder.stage}")
+    if config.glove.source not in ("", "default") and \
+            not Path(config.glove.source).expanduser().is_file():
+        wrong("glove.source", "'default' (the packaged glove.6B 50d) or a glove.*.txt file")
 
 
 def _check_batch_sizes(config) -> None:
@@ -695,6 +745,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = Path(workdir).expanduser().absolute()
     primary = distributed.is_primary()
     log = functools.partial(print, file=sys.stderr) if primary else lambda *_: None
+    check_settings(config)
     _check_batch_sizes(config)
     _as_started(config, workdir, log)  # before anything reads the settings it restores
     if config.objective not in ("cross_entropy", "scst"):

@@ -579,6 +579,42 @@ def test_nan_loss_stops_the_run_without_a_checkpoint_of_it(tmp_path, data_dir, c
     assert all(np.isfinite(loss) for _, loss in _losses(workdir))
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("batch_size=0", "batch_size=0: must be at least 1"),
+    ("eval.batch_size=-8", "eval.batch_size=-8: must be at least 1"),
+    ("checkpoint_every_steps=0", "checkpoint_every_steps=0: must be at least 1"),
+    ("keep_checkpoints=0", "keep_checkpoints=0: must be at least 1"),
+    ("text.length_multiple=-1", "text.length_multiple=-1: must be at least 0"),
+    ("text.max_length=2", "text.max_length=2: must be at least 3"),
+    ("decoder.hidden_dim=0", "decoder.hidden_dim=0: must be at least 1"),
+    ("learning_rate=-0.001", "learning_rate=-0.001: must be above 0"),
+    ("grad_clip_norm=0", "grad_clip_norm=0.0: must be above 0"),
+    ("dtype=float16", "dtype='float16': must be one of float32, bfloat16"),
+    ("text.captions=every", "text.captions='every': must be one of sample, all"),
+    ("encoder.stage=5", "encoder.stage=5: must be one of 1, 2, 3, 4"),
+    ("decoder.dropout=1", "decoder.dropout=1.0: must be at least 0 and below 1"),
+    ("plateau_factor=1.5", "plateau_factor=1.5: must be above 0 and at most 1"),
+    ("num_epochs=0", "num_epochs=0: must be at least 1 (or num_train_steps at least 1)"),
+    ("encoder.image_size=4", "encoder.image_size=4: must be at least 8, the encoder's stride "
+                             "at stage 2"),
+    ("glove.source=/no/such/glove.txt", "glove.source='/no/such/glove.txt': must be 'default'"),
+])
+def test_a_setting_out_of_range_is_an_error_naming_it_before_anything_is_written(
+        tmp_path, capsys, setting, message):
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(workdir),
+                     "--config.dataset.data_dir=" + str(tmp_path / "data"),
+                     f"--config.{setting}"]) == 2
+    assert f"jaxcap train: error: {message}" in capsys.readouterr().err
+    assert not workdir.exists() and not (tmp_path / "data").exists()
+
+
+def test_a_run_may_set_steps_instead_of_epochs():
+    config = configs.load("tiny")
+    config.num_epochs, config.num_train_steps = 0, 5
+    train.check_settings(config)
+
+
 def test_config_overrides_are_typed_and_checked():
     config = configs.load("shapes")
     configs.override(config, ["decoder.hidden_dim=64", "glove.freeze=true", "learning_rate=1e-3",

@@ -113,6 +113,11 @@ class PipelineOptions:
     process_count: int = 1
 
     def __post_init__(self):
+        if self.captions not in CAPTION_MODES:
+            raise ValueError(f"captions must be one of {CAPTION_MODES}, got {self.captions!r}")
+        if self.batch_size < 1 or self.length_multiple < 0:
+            raise ValueError(f"batch_size must be at least 1 and length_multiple at least 0, "
+                             f"got {self.batch_size} and {self.length_multiple}")
         if self.batch_size % self.process_count:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of the "
                              f"{self.process_count} processes")
@@ -142,8 +147,6 @@ class EpochExamples:
 
     def __init__(self, index: SplitIndex, lengths: list[list[int]], options: PipelineOptions,
                  epoch: int):
-        if options.captions not in CAPTION_MODES:
-            raise ValueError(f"captions must be one of {CAPTION_MODES}, got {options.captions!r}")
         rng = np.random.default_rng([options.seed, epoch])
         if options.captions == "all":
             pairs = [(i, c) for i, caps in enumerate(index.captions) for c in range(len(caps))]

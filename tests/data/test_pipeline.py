@@ -145,3 +145,14 @@ def test_length_bucketing_pads_each_batch_to_its_longest_caption(sources, vocabu
         batch_size=4, max_length=18, image_size=32, captions="all", drop_remainder=True,
         length_multiple=4, process_index=p, process_count=2))) for p in range(2)]
     assert [b["tokens"].shape for b in shards[0]] == [b["tokens"].shape for b in shards[1]]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(captions="every"), "captions must be one of"),
+    (dict(batch_size=0), "batch_size must be at least 1"),
+    (dict(length_multiple=-4), "length_multiple at least 0"),
+    (dict(batch_size=6, process_count=4), "not a multiple of the 4 processes"),
+])
+def test_options_that_cannot_make_batches_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        PipelineOptions(**{"batch_size": 4, "max_length": 12, **change})
