@@ -465,10 +465,27 @@ def create_app(run: TrainedRun, defaults: SearchOptions, max_batch: int = 32,
     return BodyLimit(app, limits.max_body_bytes)
 
 
+def check_arguments(args) -> None:
+    """The service's limits in their ranges, before the run is loaded."""
+    for flag, value, least in (("--max-batch", args.max_batch, 1),
+                               ("--max-images", args.max_images, 1),
+                               ("--max-wait-ms", args.max_wait_ms, 0)):
+        if value < least:
+            raise ServeError(f"{flag} must be at least {least}, got {value:g}")
+    for flag, value in (("--max-body-mb", args.max_body_mb), ("--timeout-s", args.timeout_s)):
+        if not value > 0:
+            raise ServeError(f"{flag} must be above 0, got {value:g}")
+    if args.queue_images < args.max_images:  # a request of --max-images would never enter
+        raise ServeError(f"--queue-images ({args.queue_images}) must be at least --max-images "
+                         f"({args.max_images})")
+
+
 def main(args) -> int:
     """``jaxcap serve``: see ``jaxcap.cli``."""
     from jaxcap.caption import search_options
     from jaxcap.runs import load_run
+
+    check_arguments(args)
 
     # Its own handler: absl (imported with the data stack) has taken the root logger.
     handler = logging.StreamHandler()

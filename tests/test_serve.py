@@ -22,6 +22,7 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from jaxcap import cli  # noqa: E402
 from jaxcap.data.images import load_image  # noqa: E402
 from jaxcap.decode import CaptionSearch, SearchOptions, beam_search  # noqa: E402
 from jaxcap.runs import load_run  # noqa: E402
@@ -219,6 +220,21 @@ def test_limits_are_answered_without_disturbing_the_service(run, photos):
         answered = post(_files([small] * 4))  # the worker and the queue carry on
         assert answered.status_code == 200
         _check(answered.json()["results"], _expected(run, [small]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+    (["--max-images", "0"], "--max-images must be at least 1, got 0"),
+    (["--max-wait-ms", "-5"], "--max-wait-ms must be at least 0, got -5"),
+    (["--timeout-s", "0"], "--timeout-s must be above 0, got 0"),
+    (["--max-body-mb", "-1"], "--max-body-mb must be above 0, got -1"),
+    (["--max-images", "64", "--queue-images", "16"],
+     "--queue-images (16) must be at least --max-images (64)"),
+])
+def test_limits_out_of_range_are_refused_before_the_run_loads(tmp_path, capsys, flags, message):
+    # The run directory is not there either: the flags are checked first.
+    assert cli.main(["serve", "--workdir", str(tmp_path / "none"), *flags]) == 2
+    assert f"jaxcap serve: error: {message}" in capsys.readouterr().err
 
 
 def test_ready_only_after_the_default_search_is_compiled_and_defaults_never_compile(
