@@ -153,6 +153,10 @@ def extract_entries(weights: str | os.PathLike, entries: list, out: str | os.Pat
     pairs, into ``out``; returns the summary record (see the module's docstring)."""
     if dtype not in DTYPES:
         raise ExtractError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    for flag, value in (("--batch-size", batch_size), ("--image-size", image_size),
+                        ("--grid", 1 if grid is None else grid)):
+        if value < 1:
+            raise ExtractError(f"{flag} must be at least 1, got {value}")
     out = Path(out)
     metadata, variables = load_encoder(weights)
     devices = jax.local_devices()

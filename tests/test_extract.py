@@ -173,6 +173,21 @@ def test_unusable_image_arguments_are_clear_errors(tmp_path, resnet18_weights, c
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--image-size", "0"], "--image-size must be at least 1, got 0"),
+    (["--grid", "-2"], "--grid must be at least 1, got -2"),
+])
+def test_sizes_below_one_are_refused_before_anything_is_written(tmp_path, resnet18_weights,
+                                                                 photo_folder, capsys, flags,
+                                                                 message):
+    out = tmp_path / "f"
+    assert cli.main(["extract", "--weights", str(resnet18_weights), "--images",
+                     str(photo_folder), "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_weights_folder_that_is_not_one_is_a_clear_error(tmp_path, photo_folder, capsys):
     assert cli.main(["extract", "--weights", str(tmp_path), "--images", str(photo_folder),
                      "--out", str(tmp_path / "f")]) == 2
