@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -282,9 +283,13 @@ class SearchOptions:
     seed: int = 0  # sampling: image i of a call uses fold_in(PRNGKey(seed), first_index + i)
 
     def __post_init__(self):
-        if self.beam_size < 1 or self.max_length < 2:
-            raise ValueError("beam_size must be >= 1 and max_length >= 2")
-        if self.temperature < 0 or (self.temperature > 0 and self.beam_size > 1):
+        for name, least in (("beam_size", 1), ("max_length", 2), ("min_length", 0),
+                            ("no_repeat_ngram", 0), ("top_k", 0), ("temperature", 0)):
+            if not getattr(self, name) >= least:  # NaN is refused too
+                raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if self.temperature > 0 and self.beam_size > 1:
             raise ValueError("sampling (temperature > 0) draws one caption: "
                              "use beam_size 1 (--beam 1)")
 

@@ -2,6 +2,7 @@
 and bucketing are exact, n-gram blocking and top-k hold, buckets do not recompile."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -318,3 +319,18 @@ def test_caption_search_sampling_is_reproducible_across_chunks(setup, vocabulary
 def test_search_options_refuse_sampling_with_beams():
     with pytest.raises(ValueError, match="beam_size 1"):
         SearchOptions(beam_size=3, temperature=1.0)
+
+
+@pytest.mark.parametrize("option, message", [
+    (dict(beam_size=0), "beam_size must be at least 1, got 0"),
+    (dict(max_length=1), "max_length must be at least 2, got 1"),
+    (dict(min_length=-1), "min_length must be at least 0, got -1"),
+    (dict(no_repeat_ngram=-1), "no_repeat_ngram must be at least 0, got -1"),  # it crashed
+    (dict(top_k=-2), "top_k must be at least 0, got -2"),
+    (dict(temperature=-1.0), "temperature must be at least 0, got -1.0"),
+    (dict(temperature=float("nan")), "temperature must be at least 0, got nan"),
+    (dict(length_penalty=float("inf")), "length_penalty must be a finite number, got inf"),
+])
+def test_search_options_out_of_range_name_the_option(option, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SearchOptions(**option)
