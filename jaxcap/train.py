@@ -298,6 +298,7 @@ def check_settings(config) -> None:
         wrong("plateau_factor", "above 0 and at most 1")
     if config.num_epochs < 1 and config.num_train_steps < 1:
         wrong("num_epochs", "at least 1 (or num_train_steps at least 1)")
+    _shapes_spec(config)  # its own ranges (a DataError)
     if config.glove.source not in ("", "default") and \
             not Path(config.glove.source).expanduser().is_file():
         wrong("glove.source", "'default' (the packaged glove.6B 50d) or a glove.*.txt file")

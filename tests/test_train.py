@@ -597,6 +597,7 @@ def test_nan_loss_stops_the_run_without_a_checkpoint_of_it(tmp_path, data_dir, c
     ("num_epochs=0", "num_epochs=0: must be at least 1 (or num_train_steps at least 1)"),
     ("encoder.image_size=0", "encoder.image_size=0: must be at least 1"),
     ("glove.source=/no/such/glove.txt", "glove.source='/no/such/glove.txt': must be 'default'"),
+    ("dataset.shapes.num_train=-5", "the shapes dataset's num_train must be at least 0, got -5"),
 ])
 def test_a_setting_out_of_range_is_an_error_naming_it_before_anything_is_written(
         tmp_path, capsys, setting, message):

@@ -242,8 +242,14 @@ def prepare(dataset: str, data_dir: str | os.PathLike, manual_dir: str | os.Path
             **kwargs) -> tfds.core.DatasetBuilder:
     """Builds ``dataset`` once (a built dataset is reused) and returns its builder."""
     built = builder(dataset, data_dir, **kwargs)
-    config = tfds.download.DownloadConfig(
-        manual_dir=str(Path(manual_dir).absolute()) if manual_dir else None)
+    if manual_dir:
+        manual_dir = Path(manual_dir).expanduser().absolute()
+        # A typo, not a wish to download (an empty folder is that); once built, the
+        # dataset no longer reads it.
+        if not manual_dir.is_dir() and not built.is_prepared():
+            raise readers.DataError(f"{manual_dir}: the manual dir (--manual-dir, "
+                                    f"dataset.manual_dir) is not a directory")
+    config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
     built.download_and_prepare(download_config=config)
     return built
 

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from jaxcap.data.readers import (OBJECTS_FILE, OFFICIAL_IMAGE_DIRS, OFFICIAL_SPLIT_FILES,
-                                 OFFICIAL_TOKEN_FILE)
+                                 OFFICIAL_TOKEN_FILE, DataError)
 
 COLOURS = {
     "red": (215, 35, 35), "green": (35, 160, 55), "blue": (35, 75, 215),
@@ -63,6 +63,17 @@ class ShapesSpec:
     num_held_out_pairs: int = 4
     captions_per_image: int = 5
     backgrounds: str = "texture"  # or "photos"
+
+    def __post_init__(self):
+        for name, least in (("image_size", 1), ("num_train", 0), ("num_val", 0), ("num_test", 0),
+                            ("num_novel", 0), ("num_held_out_pairs", 0),
+                            ("captions_per_image", 1)):
+            if getattr(self, name) < least:
+                raise DataError(f"the shapes dataset's {name} must be at least {least}, "
+                                f"got {getattr(self, name)}")
+        if self.backgrounds not in BACKGROUNDS:
+            raise DataError(f"the shapes dataset's backgrounds must be one of "
+                            f"{', '.join(BACKGROUNDS)}, got {self.backgrounds!r}")
 
     def count(self, split: str) -> int:
         return getattr(self, f"num_{split}")

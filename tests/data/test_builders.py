@@ -113,6 +113,19 @@ def test_prepare_command_reports_data_mistakes_without_traceback(tmp_path, capsy
     assert "Flickr8k.token.txt:1: no tab between the key and the caption" in capsys.readouterr().err
 
 
+def test_a_manual_dir_that_is_not_there_is_an_error_until_the_dataset_is_built(tmp_path,
+                                                                                capsys):
+    missing = tmp_path / "Flickr8K"  # a typo: nothing is downloaded in its place
+    assert cli.main(["prepare", "flickr8k", "--manual-dir", str(missing),
+                     "--data-dir", str(tmp_path / "data")]) == 2
+    assert f"{missing}: the manual dir" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+    builders.prepare("flickr8k", tmp_path / "data", DUMMY / "official")
+    # Built: the dataset is read from its array_record files, the raw files may be gone.
+    built = builders.prepare("flickr8k", tmp_path / "data", missing)
+    assert builders.split_sizes(built) == {"train": 5, "val": 2, "test": 1}
+
+
 def test_flickr8k_downloads_the_official_archives_without_a_manual_dir(tmp_path, loopback_server,
                                                                       monkeypatch):
     served, base = loopback_server

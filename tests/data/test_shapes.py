@@ -170,3 +170,14 @@ def test_export_to_the_official_flickr8k_layout_with_objects(tmp_path):
     assert first.captions == scene.captions
     assert first.objects == scene.objects  # from objects.json
     assert +result.dropped == {"objects of images not in the dataset": 2}  # the novel split
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(image_size=0), "image_size must be at least 1, got 0"),
+    (dict(num_val=-1), "num_val must be at least 0, got -1"),  # TFDS had failed on it
+    (dict(captions_per_image=0), "captions_per_image must be at least 1, got 0"),
+    (dict(backgrounds="plain"), "backgrounds must be one of texture, photos, got 'plain'"),
+])
+def test_a_spec_out_of_range_is_a_data_error_naming_the_setting(change, message):
+    with pytest.raises(readers.DataError, match=message):
+        shapes.ShapesSpec(**change)
