@@ -154,8 +154,6 @@ def test_photo_backgrounds_keep_the_objects_and_captions(all_scenes):
     assert all(np.abs(p.astype(int) - t).mean() > 20 for p, t in zip(photos, textures))
     corners = {tuple(p[:4, :4].reshape(-1, 3).mean(axis=0).round(-1)) for p in photos}
     assert len(corners) > 6
-    with pytest.raises(ValueError, match="backgrounds must be one of"):
-        shapes.scene(shapes.ShapesSpec(backgrounds="sky"), "train", 0)
 
 
 def test_export_to_the_official_flickr8k_layout_with_objects(tmp_path):
