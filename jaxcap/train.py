@@ -138,6 +138,15 @@ def _as_started(config: ml_collections.ConfigDict, workdir: Path, log) -> None:
             assign(config, key, value)
 
 
+def _leaves(value, key: str):
+    """``(dotted key, value)`` of every setting in ``value`` (a section or one setting)."""
+    if not isinstance(value, dict):
+        yield key, value
+        return
+    for name, item in value.items():
+        yield from _leaves(item, f"{key}.{name}")
+
+
 def _known_to(saved, current):
     """``current`` cut to the keys ``saved`` has: a setting added to jaxcap after a run
     was started takes its default there, so it does not stop that run from resuming."""
@@ -157,10 +166,14 @@ def _check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
             raise TrainingError(f"{workdir} holds a run trained with objective={objective}; "
                                 f"objective={config.objective} needs a new --workdir")
         known = _known_to(saved, current)
-        changed = [key for key in MODEL_KEYS if _lookup(saved, key) != _lookup(known, key)]
+        changed = []
+        for key in MODEL_KEYS:  # setting by setting, so that a section names what changed
+            before = dict(_leaves(_lookup(saved, key), key))
+            now = dict(_leaves(_lookup(known, key), key))
+            changed += [(k, before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys())
+                        if before.get(k) != now.get(k)]
         if changed:
-            details = "; ".join(f"{k}: {_lookup(saved, k)!r} -> {_lookup(known, k)!r}"
-                                for k in changed)
+            details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
             raise TrainingError(f"{workdir} holds a run with another model config ({details}). "
                                 "Use a new --workdir, or the original values, to resume.")
 
@@ -299,6 +312,11 @@ def check_settings(config) -> None:
     if config.num_epochs < 1 and config.num_train_steps < 1:
         wrong("num_epochs", "at least 1 (or num_train_steps at least 1)")
     _shapes_spec(config)  # its own ranges (a DataError)
+    # What the model and the schedule check when they are built, checked now: a new run
+    # writes config.json before it builds them, and would then be bound to the mistake.
+    _decoder(config, 2, 1, jnp.dtype(config.dtype))
+    _check_encoder_settings(config)
+    learning_rate_schedule(config, 1)
     if config.glove.source not in ("", "default") and \
             not Path(config.glove.source).expanduser().is_file():
         wrong("glove.source", "'default' (the packaged glove.6B 50d) or a glove.*.txt file")
@@ -332,29 +350,38 @@ def pipeline_options(config) -> tuple[PipelineOptions, PipelineOptions]:
 # ------------------------------------------------------------------------- model
 
 
+def _decoder(config, vocab_size: int, feature_dim: int, dtype):
+    try:
+        return make_decoder(config.decoder, vocab_size, feature_dim, dtype)
+    except ValueError as error:
+        raise TrainingError(f"{error} (in the config's decoder section)") from None
+
+
+def _check_encoder_settings(config) -> None:
+    if config.encoder.batchnorm not in ("frozen", "batch"):
+        raise TrainingError(f"encoder.batchnorm must be frozen or batch, "
+                            f"got {config.encoder.batchnorm!r}")
+    if config.encoder.mode not in ("features", "end_to_end"):
+        raise TrainingError(f"encoder.mode must be features or end_to_end, "
+                            f"got {config.encoder.mode!r}")
+    if config.encoder.mode == "end_to_end" and config.encoder.batchnorm == "batch" and \
+            not config.encoder.finetune:
+        raise TrainingError("encoder.batchnorm=batch trains the encoder's normalisation: "
+                            "it needs encoder.finetune=true")
+
+
 def make_model(config, vocab_size: int, encoder_metadata: dict) -> Captioner:
     dtype = jnp.dtype(config.dtype)
     precision.warn_if_bfloat16_is_slow(dtype)
     feature_dim = output_channels(encoder_metadata["depth"], config.encoder.stage)
-    try:
-        decoder = make_decoder(config.decoder, vocab_size, feature_dim, dtype)
-    except ValueError as error:
-        raise TrainingError(f"{error} (in the config's decoder section)") from None
+    decoder = _decoder(config, vocab_size, feature_dim, dtype)
+    _check_encoder_settings(config)
     encoder = None
     train_batchnorm = config.encoder.batchnorm == "batch"
-    if config.encoder.batchnorm not in ("frozen", "batch"):
-        raise TrainingError(f"encoder.batchnorm must be frozen or batch, "
-                            f"got {config.encoder.batchnorm!r}")
     if config.encoder.mode == "end_to_end":
-        if train_batchnorm and not config.encoder.finetune:
-            raise TrainingError("encoder.batchnorm=batch trains the encoder's normalisation: "
-                                "it needs encoder.finetune=true")
         encoder = build_encoder(encoder_metadata, stage=config.encoder.stage,
                                 grid=config.encoder.grid or None, dtype=dtype,
                                 batchnorm_axis="batch" if train_batchnorm else None)
-    elif config.encoder.mode != "features":
-        raise TrainingError(f"encoder.mode must be features or end_to_end, "
-                            f"got {config.encoder.mode!r}")
     return Captioner(decoder, encoder, encoder_metadata["preprocessing"],
                      finetune_encoder=config.encoder.finetune,
                      train_batchnorm=train_batchnorm and encoder is not None)
