@@ -174,8 +174,13 @@ def _check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
                         if before.get(k) != now.get(k)]
         if changed:
             details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
+            trained = any(path.name.isdigit() for folder in ("checkpoints", "best")
+                          if (workdir / folder).is_dir() for path in (workdir / folder).iterdir())
+            advice = ("Use a new --workdir, or the original values, to resume." if trained else
+                      "It has no checkpoint yet: use a new --workdir, or delete this one to "
+                      "start it again with this config.")
             raise TrainingError(f"{workdir} holds a run with another model config ({details}). "
-                                "Use a new --workdir, or the original values, to resume.")
+                                + advice)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -317,9 +322,10 @@ def check_settings(config) -> None:
     _decoder(config, 2, 1, jnp.dtype(config.dtype))
     _check_encoder_settings(config)
     learning_rate_schedule(config, 1)
-    if config.glove.source not in ("", "default") and \
-            not Path(config.glove.source).expanduser().is_file():
-        wrong("glove.source", "'default' (the packaged glove.6B 50d) or a glove.*.txt file")
+    glove_dim = glove.dimension(config.glove.source)  # a GloveError when it cannot be read
+    if config.decoder.embed_dim != glove_dim:
+        raise TrainingError(f"decoder.embed_dim is {config.decoder.embed_dim} but the GloVe "
+                            f"vectors ({config.glove.source}) have {glove_dim} dimensions")
 
 
 def _check_batch_sizes(config) -> None:
@@ -809,9 +815,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     sources = built.as_data_source()
     embedding, coverage = glove.embedding_matrix(vocabulary, glove.load(config.glove.source),
                                                  seed=config.seed)
-    if config.decoder.embed_dim != embedding.shape[1]:
-        raise TrainingError(f"decoder.embed_dim is {config.decoder.embed_dim} but the GloVe "
-                            f"vectors have {embedding.shape[1]} dimensions")
     log(f"vocabulary: {len(vocabulary)} tokens; {coverage.report()}")
 
     encoder_metadata, encoder_variables = load_encoder(encoder_dir)

@@ -475,6 +475,19 @@ def test_changed_model_config_on_resume_is_a_clear_error(tmp_path, data_dir, cap
     assert "another model config (decoder.hidden_dim: 32 -> 64)" in err  # that setting alone
 
 
+def test_a_run_stopped_before_its_first_checkpoint_says_it_may_be_started_again(
+        tmp_path, data_dir, capsys):
+    """As a run stopped while it prepared its data: config.json written, no checkpoint."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    config = configs.load("tiny")
+    config.decoder.hidden_dim = 48
+    train._write_config(config, workdir)
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=2")) == 2
+    err = capsys.readouterr().err
+    assert "(decoder.hidden_dim: 48 -> 32)" in err and "It has no checkpoint yet" in err
+
+
 def test_a_run_written_before_the_decoder_variants_resumes_and_loads(tmp_path, data_dir,
                                                                      four_steps, capsys):
     """Its config.json has no per-variant sections, no encoder.batchnorm and no SCST: the
@@ -596,7 +609,8 @@ def test_nan_loss_stops_the_run_without_a_checkpoint_of_it(tmp_path, data_dir, c
     ("plateau_factor=1.5", "plateau_factor=1.5: must be above 0 and at most 1"),
     ("num_epochs=0", "num_epochs=0: must be at least 1 (or num_train_steps at least 1)"),
     ("encoder.image_size=0", "encoder.image_size=0: must be at least 1"),
-    ("glove.source=/no/such/glove.txt", "glove.source='/no/such/glove.txt': must be 'default'"),
+    ("glove.source=/no/such/glove.txt", "/no/such/glove.txt: no such file (glove.source takes"),
+    ("decoder.embed_dim=64", "decoder.embed_dim is 64 but the GloVe vectors (default) have 50"),
     ("dataset.shapes.num_train=-5", "the shapes dataset's num_train must be at least 0, got -5"),
     # Checked where the model and the schedule are built too; found only there, they had
     # bound the run directory to the mistake (config.json was written before).

