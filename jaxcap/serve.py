@@ -17,7 +17,8 @@ The pieces, in the order a request meets them:
   set is cached. A batch is padded to its bucket; where the timings say that
   a smaller bucket filled now decodes more images per second (a CPU: time
   grows with the rows; an accelerator: padding is nearly free), the batch is
-  cut to it and the jobs left over lead the next batch.
+  cut to it and the jobs left over lead the next batch. A batch that holds as
+  many images as a full queue would be cut to goes without waiting longer.
 
 Why FastAPI on uvicorn: the API documents itself (``/docs``, ``/openapi.json``)
 from the same declarations that parse and check the requests, multipart
@@ -164,6 +165,13 @@ class DynamicBatcher:
         best = max(rate.values())
         return min(waiting, max(size for size in rate if rate[size] >= best / 1.1))
 
+    def enough_images(self, options: SearchOptions) -> int:
+        """How many waiting images send a batch with ``options`` off without waiting for
+        more: ``max_batch``, or for the default search the bucket a full queue would be
+        cut to (more images would be cut off again, so waiting for them only delays the
+        ones already there)."""
+        return self.batch_images(self.max_batch) if options == self.defaults else self.max_batch
+
     def queued_images(self) -> int:
         """Images of live requests not yet handed to the decoder."""
         return sum(len(job.pixels) for job in itertools.chain(self._jobs, self._forming)
@@ -205,10 +213,11 @@ class DynamicBatcher:
         first = next(job for job in self._jobs if not job.future.done())
         options = first.options
         self._forming = self._take(options, max(self.max_batch, len(first.pixels)))
+        enough = self.enough_images(options)
         while True:
             self._forming = [job for job in self._forming if not job.future.done()]
             size = sum(len(job.pixels) for job in self._forming)
-            if not self._forming or options.temperature > 0 or size >= self.max_batch:
+            if not self._forming or options.temperature > 0 or size >= enough:
                 break
             remaining = self._forming[0].arrived + self.max_wait - time.monotonic()
             if remaining <= 0:
@@ -475,6 +484,9 @@ def check_arguments(args) -> None:
     for flag, value in (("--max-body-mb", args.max_body_mb), ("--timeout-s", args.timeout_s)):
         if not value > 0:
             raise ServeError(f"{flag} must be above 0, got {value:g}")
+    if args.max_wait_ms >= 1000 * args.timeout_s:  # a lone request would always time out
+        raise ServeError(f"--max-wait-ms ({args.max_wait_ms:g}) must be below --timeout-s "
+                         f"({args.timeout_s:g} s)")
     if args.queue_images < args.max_images:  # a request of --max-images would never enter
         raise ServeError(f"--queue-images ({args.queue_images}) must be at least --max-images "
                          f"({args.max_images})")
