@@ -285,9 +285,7 @@ AT_LEAST = {
     "checkpoint_every_steps": 1, "keep_checkpoints": 1, "log_every_steps": 1,
     "warmup_steps": 0, "plateau_patience": 1, "early_stopping_patience": 0, "num_threads": 0,
     "text.max_length": 3, "eval.max_length": 2,  # <start>, a word, <end>; <start>, <end>
-    "text.length_multiple": 0, "text.bucket_window": 1, "encoder.grid": 0,
-    "decoder.embed_dim": 1, "decoder.hidden_dim": 1, "decoder.attention_dim": 1,
-    "decoder.alpha_c": 0.0}
+    "text.length_multiple": 0, "text.bucket_window": 1, "encoder.grid": 0}
 CHOICES = {"dtype": ("float32", "bfloat16"), "text.captions": CAPTION_MODES,
            "encoder.stage": (1, 2, 3, 4)}
 
@@ -309,16 +307,16 @@ def check_settings(config) -> None:
     for key, choices in CHOICES.items():
         if value(key) not in choices:
             wrong(key, f"one of {', '.join(map(str, choices))}")
-    for key in ("decoder.dropout", "decoder.label_smoothing"):
-        if not 0 <= value(key) < 1:
-            wrong(key, "at least 0 and below 1")
+    if not 0 <= config.decoder.label_smoothing < 1:
+        wrong("decoder.label_smoothing", "at least 0 and below 1")
     if not 0 < config.plateau_factor <= 1:
         wrong("plateau_factor", "above 0 and at most 1")
     if config.num_epochs < 1 and config.num_train_steps < 1:
         wrong("num_epochs", "at least 1 (or num_train_steps at least 1)")
     _shapes_spec(config)  # its own ranges (a DataError)
-    # What the model and the schedule check when they are built, checked now: a new run
-    # writes config.json before it builds them, and would then be bound to the mistake.
+    # What the model and the schedule check when they are built (the decoder's settings,
+    # its variant's own included), checked now: a new run writes config.json before it
+    # builds them, and would then be bound to the mistake.
     _decoder(config, 2, 1, jnp.dtype(config.dtype))
     _check_encoder_settings(config)
     learning_rate_schedule(config, 1)
@@ -359,8 +357,8 @@ def pipeline_options(config) -> tuple[PipelineOptions, PipelineOptions]:
 def _decoder(config, vocab_size: int, feature_dim: int, dtype):
     try:
         return make_decoder(config.decoder, vocab_size, feature_dim, dtype)
-    except ValueError as error:
-        raise TrainingError(f"{error} (in the config's decoder section)") from None
+    except ValueError as error:  # it names the setting
+        raise TrainingError(str(error)) from None
 
 
 def _check_encoder_settings(config) -> None:

@@ -606,6 +606,8 @@ def test_nan_loss_stops_the_run_without_a_checkpoint_of_it(tmp_path, data_dir, c
     ("text.captions=every", "text.captions='every': must be one of sample, all"),
     ("encoder.stage=5", "encoder.stage=5: must be one of 1, 2, 3, 4"),
     ("decoder.dropout=1", "decoder.dropout=1.0: must be at least 0 and below 1"),
+    ("decoder.variant=transformer decoder.transformer.heads=3",
+     "decoder.transformer.width=256: must be a multiple of decoder.transformer.heads (3)"),
     ("plateau_factor=1.5", "plateau_factor=1.5: must be above 0 and at most 1"),
     ("num_epochs=0", "num_epochs=0: must be at least 1 (or num_train_steps at least 1)"),
     ("encoder.image_size=0", "encoder.image_size=0: must be at least 1"),
@@ -623,7 +625,7 @@ def test_a_setting_out_of_range_is_an_error_naming_it_before_anything_is_written
     workdir = tmp_path / "run"
     assert cli.main(["train", "--config", "tiny", "--workdir", str(workdir),
                      "--config.dataset.data_dir=" + str(tmp_path / "data"),
-                     f"--config.{setting}"]) == 2
+                     *(f"--config.{part}" for part in setting.split())]) == 2
     assert f"jaxcap train: error: {message}" in capsys.readouterr().err
     assert not workdir.exists() and not (tmp_path / "data").exists()
 

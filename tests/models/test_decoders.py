@@ -384,3 +384,34 @@ def test_unknown_variants_and_settings_are_refused():
     config.transformer.depth = 3
     with pytest.raises(ValueError, match="decoder.transformer has no setting depth"):
         make_decoder(config, VOCAB, FEATURES)
+
+
+@pytest.mark.parametrize("variant, setting, message", [
+    ("soft", {"hidden_dim": 0}, "decoder.hidden_dim=0: must be at least 1"),
+    ("updown", {"dropout": 1.0}, "decoder.dropout=1.0: must be at least 0 and below 1"),
+    ("adaptive", {"attention_dim": -2}, "decoder.attention_dim=-2: must be at least 1"),
+    ("soft", {"alpha_c": -1.0}, "decoder.alpha_c=-1.0: must be at least 0"),
+    ("hard", {"hard.baseline_decay": 1.0},
+     "decoder.hard.baseline_decay=1.0: must be at least 0 and below 1"),
+    ("hard", {"hard.expected_context_prob": 1.5},
+     "decoder.hard.expected_context_prob=1.5: must be at least 0 and at most 1"),
+    ("transformer", {"transformer.heads": 0}, "decoder.transformer.heads=0: must be at least 1"),
+    ("transformer", {"transformer.heads": 3},
+     r"decoder.transformer.width=16: must be a multiple of decoder.transformer.heads \(3\)"),
+])
+def test_settings_out_of_range_are_refused_by_their_config_keys(variant, setting, message):
+    config = _config(variant)
+    for key, value in setting.items():
+        section, _, field = key.rpartition(".")
+        (config[section] if section else config)[field] = value
+    with pytest.raises(ValueError, match=message):
+        make_decoder(config, VOCAB, FEATURES)
+
+
+def test_a_decoder_made_directly_checks_its_settings_when_initialised():
+    # Not through make_decoder: the same rules, by field name, when setup runs.
+    decoder = VARIANTS["transformer"](vocab_size=VOCAB, feature_dim=FEATURES, embed_dim=6,
+                                      width=16, heads=3, mlp_dim=24)
+    grid, tokens = jnp.zeros((1, GRID, GRID, FEATURES)), jnp.zeros((1, 5), jnp.int32)
+    with pytest.raises(ValueError, match=r"^width=16: must be a multiple of heads \(3\)"):
+        decoder.init(jax.random.PRNGKey(0), grid, tokens)

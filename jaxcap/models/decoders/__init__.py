@@ -5,7 +5,8 @@ says what it writes) and one entry in ``VARIANTS``. Its fields are filled
 from the config: the shared settings (``embed_dim``, ``hidden_dim``,
 ``attention_dim``, ``dropout``, ``alpha_c``) where the class has such a field,
 then its own section ``decoder.<name>`` (keys are its field names; they win
-over the shared settings).
+over the shared settings). Their ranges (a variant's ``RULES``) are checked
+here, before anything is built, and errors name the config's keys.
 """
 
 from __future__ import annotations
@@ -51,5 +52,9 @@ def make_decoder(decoder_config, vocab_size: int, feature_dim: int,
     if unknown:
         raise ValueError(f"decoder.{name} has no setting {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(fields - {'parent', 'name'}))}")
+    names = {**{field: f"decoder.{name}.{field}" for field in fields},
+             **{field: f"decoder.{key}" for key, field in SHARED.items() if field not in own}}
+    defaults = {field.name: field.default for field in dataclasses.fields(variant)}
+    variant.check_settings({**defaults, **settings, **own}, names)
     return variant(vocab_size=vocab_size, feature_dim=feature_dim, dtype=dtype,
                    **{**settings, **own})

@@ -41,6 +41,12 @@ from jaxcap.models import precision
 # The random streams a step may draw from: dropout, and a variant's own samples.
 STEP_RNGS = ("dropout", "sample")
 
+# What a setting's value must be: (test, the words an error says it with).
+AT_LEAST_1 = (lambda value: value >= 1, "at least 1")
+AT_LEAST_0 = (lambda value: value >= 0, "at least 0")
+FRACTION = (lambda value: 0 <= value < 1, "at least 0 and below 1")
+PROBABILITY = (lambda value: 0 <= value <= 1, "at least 0 and at most 1")
+
 
 class Decoder(nn.Module):
     """Base class of the variants: shared fields, the embedding, the readout, the loops."""
@@ -52,7 +58,22 @@ class Decoder(nn.Module):
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
 
+    # field -> what its value must be; a variant adds its own fields' (``{**Base.RULES, ...}``)
+    RULES = {"embed_dim": AT_LEAST_1, "hidden_dim": AT_LEAST_1, "dropout_rate": FRACTION}
+
+    @classmethod
+    def check_settings(cls, settings: dict, names: dict | None = None) -> None:
+        """A ``ValueError`` for the first of ``settings`` (field -> value, every field)
+        outside its range; ``names`` (field -> what to call it) names the config's key.
+        ``make_decoder`` calls it before anything is built, ``setup`` for decoders made
+        directly; a variant with settings that constrain each other adds to it."""
+        names = names or {}
+        for field, (test, words) in cls.RULES.items():
+            if not test(settings[field]):
+                raise ValueError(f"{names.get(field, field)}={settings[field]!r}: must be {words}")
+
     def setup(self):
+        self.check_settings({field: getattr(self, field) for field in self.RULES})
         self.embed = nn.Embed(self.vocab_size, self.embed_dim)
         self.dropout = nn.Dropout(self.dropout_rate)
         self.output = self.dense(self.vocab_size)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcap.models import precision
-from jaxcap.models.decoders.base import Decoder
+from jaxcap.models.decoders.base import AT_LEAST_0, FRACTION, PROBABILITY, Decoder
 from jaxcap.models.decoders.soft import SoftAttentionDecoder
 
 
@@ -35,6 +35,11 @@ class HardAttentionDecoder(SoftAttentionDecoder):
     entropy_weight: float = 0.01
     baseline_decay: float = 0.9
     expected_context_prob: float = 0.5
+
+    # A decay of 1 would never move the baseline from its start (it accumulates no weight).
+    RULES = {**SoftAttentionDecoder.RULES, "reinforce_weight": AT_LEAST_0,
+             "entropy_weight": AT_LEAST_0, "baseline_decay": FRACTION,
+             "expected_context_prob": PROBABILITY}
 
     def setup(self):
         super().setup()

@@ -35,14 +35,16 @@ import jax.numpy as jnp
 
 from jaxcap.models import precision
 from jaxcap.models.attention import AdditiveAttention
-from jaxcap.models.decoders.base import (Decoder, doubly_stochastic_penalty, lstm_update,
-                                         regions_of)
+from jaxcap.models.decoders.base import (AT_LEAST_0, AT_LEAST_1, Decoder,
+                                         doubly_stochastic_penalty, lstm_update, regions_of)
 
 
 class SoftAttentionDecoder(Decoder):
     attention_dim: int = 512
     alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty
     fast_path: bool = True  # the hand-written backward pass; False: the generic path
+
+    RULES = {**Decoder.RULES, "attention_dim": AT_LEAST_1, "alpha_c": AT_LEAST_0}
 
     def setup(self):
         super().setup()

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcap.models import precision
-from jaxcap.models.decoders.base import Decoder
+from jaxcap.models.decoders.base import AT_LEAST_1, Decoder
 
 
 def sinusoid(positions, width: int):
@@ -97,11 +97,19 @@ class TransformerDecoder(Decoder):
     width: int = 256
     mlp_dim: int = 1024
 
+    RULES = {**Decoder.RULES, "layers": AT_LEAST_1, "heads": AT_LEAST_1, "width": AT_LEAST_1,
+             "mlp_dim": AT_LEAST_1}
+
+    @classmethod
+    def check_settings(cls, settings: dict, names: dict | None = None) -> None:
+        super().check_settings(settings, names)
+        if settings["width"] % settings["heads"]:  # each head takes width / heads channels
+            names = names or {}
+            raise ValueError(f"{names.get('width', 'width')}={settings['width']}: must be a "
+                             f"multiple of {names.get('heads', 'heads')} ({settings['heads']})")
+
     def setup(self):
         super().setup()
-        if self.width % self.heads:
-            raise ValueError(f"transformer width {self.width} is not a multiple of its "
-                             f"{self.heads} heads")
         self.word_projection = self.dense(self.width)
         self.region_projection = self.dense(self.width)
         self.region_norm = nn.LayerNorm(dtype=self.dtype)

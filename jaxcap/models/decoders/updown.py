@@ -14,11 +14,13 @@ import jax.numpy as jnp
 
 from jaxcap.models import precision
 from jaxcap.models.attention import AdditiveAttention
-from jaxcap.models.decoders.base import Decoder, lstm_update, regions_of
+from jaxcap.models.decoders.base import AT_LEAST_1, Decoder, lstm_update, regions_of
 
 
 class UpDownDecoder(Decoder):
     attention_dim: int = 512
+
+    RULES = {**Decoder.RULES, "attention_dim": AT_LEAST_1}
 
     def setup(self):
         super().setup()
