@@ -407,7 +407,8 @@ def create_app(run: TrainedRun, defaults: SearchOptions, max_batch: int = 32,
             "batching": {"max_batch": batcher.max_batch, "max_wait_ms": max_wait_ms,
                          "buckets": batcher.search(defaults).buckets,
                          "bucket_ms": {size: round(1000 * seconds, 2)
-                                       for size, seconds in batcher.bucket_seconds.items()}},
+                                       for size, seconds in batcher.bucket_seconds.items()},
+                         "queued_images": batcher.queued_images()},
             "limits": dataclasses.asdict(limits)}
 
     @app.post("/v1/captions", summary="Caption one or more images",

@@ -218,6 +218,7 @@ def test_images_of_one_request_in_order_with_a_bad_file_named(run, photos):
         assert model["vocabulary_size"] == len(run.vocabulary)
         assert model["checkpoint_step"] == run.step and len(model["devices"]) == 4
         assert model["search_defaults"]["beam_size"] == 3 and model["decoder_variant"] == "soft"
+        assert model["batching"]["queued_images"] == 0  # every request above is answered
         assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
         assert "/v1/captions" in httpx.get(f"{url}/openapi.json").json()["paths"]
 
@@ -241,7 +242,9 @@ def test_limits_are_answered_without_disturbing_the_service(run, photos):
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
                 waiting = asyncio.create_task(client.post("/v1/captions",
                                                           files=_files([small] * 3)))
-                await asyncio.sleep(0.5)  # 3 of the queue's 4 images wait for a batch
+                while not waiting.done() and \
+                        (await client.get("/v1/model")).json()["batching"]["queued_images"] < 3:
+                    await asyncio.sleep(0.02)  # until 3 of the queue's 4 images wait
                 full = await client.post("/v1/captions", files=_files([small] * 2))
                 return await waiting, full
         timed_out, full = asyncio.run(crowd())
