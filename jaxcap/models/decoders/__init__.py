@@ -44,7 +44,8 @@ def make_decoder(decoder_config, vocab_size: int, feature_dim: int,
     if name not in VARIANTS:
         raise ValueError(f"unknown decoder variant {name!r}; known: {', '.join(VARIANTS)}")
     variant = VARIANTS[name]
-    fields = {field.name for field in dataclasses.fields(variant)}
+    defaults = {field.name: field.default for field in dataclasses.fields(variant)}
+    fields = set(defaults)
     settings = {field: decoder_config[key] for key, field in SHARED.items()
                 if field in fields and key in decoder_config}
     own = dict(decoder_config.get(name) or {})
@@ -54,7 +55,6 @@ def make_decoder(decoder_config, vocab_size: int, feature_dim: int,
                          f"known: {', '.join(sorted(fields - {'parent', 'name'}))}")
     names = {**{field: f"decoder.{name}.{field}" for field in fields},
              **{field: f"decoder.{key}" for key, field in SHARED.items() if field not in own}}
-    defaults = {field.name: field.default for field in dataclasses.fields(variant)}
-    variant.check_settings({**defaults, **settings, **own}, names)
-    return variant(vocab_size=vocab_size, feature_dim=feature_dim, dtype=dtype,
-                   **{**settings, **own})
+    given = {**settings, **own}
+    variant.check_settings({**defaults, **given}, names)
+    return variant(vocab_size=vocab_size, feature_dim=feature_dim, dtype=dtype, **given)
