@@ -14,8 +14,14 @@ L words against references of L' words is a few (L, L') comparisons per n. The
 document frequencies live in a sorted table of every n-gram of the references,
 looked up by binary search. ``References.build`` makes the tables once, in numpy.
 
+SCST scores captions with their ``<end>`` counted as a word, in the samples
+(``caption_words``) and in the references (``scst.training_references``), as
+Rennie et al. (2017) and self-critical.pytorch do: a caption cut at the maximum
+length misses the references' closing n-grams.
+
 A custom reward is any JAX function ``(words, lengths, references, image) -> (N,)``
-with the arguments of ``cider_d``; ``make_reward`` combines them with weights.
+with the arguments of ``cider_d`` (``<end>`` among the words, as above);
+``make_reward`` combines them with weights.
 """
 
 from __future__ import annotations
@@ -98,11 +104,16 @@ def _ngram_counts(words: list[int]) -> collections.Counter:
 
 
 def caption_words(tokens) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Decoded rows ``<start> w1 .. wk <end> <pad>..`` (N, T) -> ``(words (N, T-1), k (N,))``,
-    the words -1 from ``<end>`` on."""
+    """Decoded rows ``<start> w1 .. wk <end> <pad>..`` (N, T) -> ``(words (N, T-1), lengths
+    (N,))``: ``w1 .. wk <end>``, -1 after. ``<end>`` is a word of the caption, as Rennie et
+    al. (2017) score it and self-critical.pytorch writes it (``array_to_str``), so that a
+    caption cut at the maximum length (no ``<end>``) matches none of the references'
+    closing n-grams and scores below the finished one."""
     words = tokens[:, 1:]
-    ended = jnp.cumsum((words == END_ID) | (words == PAD_ID), axis=1) > 0
-    return jnp.where(ended, _NO_WORD, words), jnp.sum(~ended, axis=1).astype(jnp.int32)
+    stop = (words == END_ID) | (words == PAD_ID)
+    after_stop = jnp.cumsum(stop, axis=1) - stop > 0
+    outside = after_stop | (words == PAD_ID)
+    return jnp.where(outside, _NO_WORD, words), jnp.sum(~outside, axis=1).astype(jnp.int32)
 
 
 def _ngrams(words, n: int):

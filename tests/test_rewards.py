@@ -7,8 +7,8 @@ import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from jaxcap import rewards
-from jaxcap.data.text import END_ID, PAD_ID, START_ID
+from jaxcap import rewards, scst
+from jaxcap.data.text import END_ID, PAD_ID, START_ID, Vocabulary
 
 
 def _corpus(rng, images=40, vocab=10):
@@ -82,12 +82,53 @@ def test_document_frequencies_are_looked_up_exactly():
                                   [3, 3, 2, 2, 1, 0, 0, 0])
 
 
-def test_caption_words_cut_at_the_end_token():
+def test_caption_words_end_with_the_end_token():
     tokens = np.asarray([[START_ID, 7, 8, END_ID, PAD_ID], [START_ID, END_ID, PAD_ID, PAD_ID, 0],
                          [START_ID, 5, 6, 7, 8]], np.int32)
     words, lengths = rewards.caption_words(tokens)
-    np.testing.assert_array_equal(lengths, [2, 0, 4])
-    np.testing.assert_array_equal(words[0], [7, 8, -1, -1])
+    np.testing.assert_array_equal(lengths, [3, 1, 4])  # the last was cut: no <end>
+    np.testing.assert_array_equal(words, [[7, 8, END_ID, -1], [END_ID, -1, -1, -1], [5, 6, 7, 8]])
+
+
+def test_the_scst_reward_counts_the_end_token_as_self_critical_training_does():
+    """The SCST reward of decoded rows equals pycocoevalcap's CIDEr-D of the same captions
+    with ``<end>`` appended to the finished ones and to every reference (as Rennie et al.
+    and self-critical.pytorch's ``array_to_str`` write them), and a caption cut at the
+    maximum length scores below the same words finished."""
+    captions = [["a red circle", "a red circle above a blue square", "one red circle"],
+                ["a blue square left of a green star", "a green star and a blue square"],
+                ["a yellow diamond", "the yellow diamond"],
+                ["a green circle right of a red star", "a red star and a green circle"]]
+    vocabulary = Vocabulary.build([c for image in captions for c in image], min_count=1)
+    table = scst.training_references(captions, vocabulary)
+
+    def row(text, ended=True, length=9):
+        ids = [START_ID, *(vocabulary.id(w) for w in text.split()), *([END_ID] if ended else [])]
+        return ids + [PAD_ID] * (length - len(ids))
+
+    samples = [("a red circle", True), ("a red circle above a", True),
+               ("a blue square left of a green", False), ("a yellow diamond", True),
+               ("a red star and a green circle", True), ("a red star and a green", False)]
+    images = [0, 0, 1, 2, 3, 3]
+    tokens = np.asarray([row(text, ended) for text, ended in samples], np.int32)
+    scores = jax.jit(lambda t: rewards.cider_d(*rewards.caption_words(t), table,
+                                               jnp.asarray(images)))(tokens)
+
+    gts = {i: [c + " <end>" for c in image] for i, image in enumerate(captions)}
+    for (text, ended), image, score in zip(samples, images, np.asarray(scores)):
+        # pycocoevalcap takes its document frequencies from the references of the images
+        # it scores: every image is scored, with this caption for its own.
+        res = {i: [text + (" <end>" if ended else "") if i == image else gts[i][0]]
+               for i in gts}
+        _, expected = Cider().compute_score(gts, res)
+        assert score == pytest.approx(expected[image], rel=1e-5, abs=1e-6), text
+    # Cut at the maximum length, a caption misses the references' closing n-grams (without
+    # <end> counted, the same words scored the same, finished or not).
+    finished, cut = jax.jit(lambda t: rewards.cider_d(*rewards.caption_words(t), table,
+                                                      jnp.asarray([3, 3])))(np.asarray(
+        [row("a red star and a green circle"), row("a red star and a green circle", False)],
+        np.int32))
+    assert cut < finished, (cut, finished)
 
 
 def length_reward(words, lengths, references, image):
