@@ -90,23 +90,31 @@ def _batch_and_regions(model: Captioner, variables, inputs, context, carry) -> t
 @functools.partial(jax.jit, static_argnames=("model", "max_length", "min_length",
                                              "no_repeat_ngram", "top_k"))
 def _word_by_word(model: Captioner, variables, inputs, keys, temperature, max_length: int,
-                  min_length: int, no_repeat_ngram: int, top_k: int):
-    """Greedy (``keys`` None) or sampled decoding, one word per loop step."""
+                  min_length: int, no_repeat_ngram: int, top_k: int, choice_key=None):
+    """Greedy (``keys`` None) or sampled decoding, one word per loop step; with
+    ``choice_key``, a rollout of a variant's choices too (``rollout``)."""
     context, carry = model.apply(variables, inputs, max_length, method=Captioner.start)
     batch, regions_count = _batch_and_regions(model, variables, inputs, context, carry)
     state = dict(t=jnp.asarray(1), carry=carry, done=jnp.zeros(batch, bool),
                  tokens=jnp.full((batch, max_length), PAD_ID, jnp.int32).at[:, 0].set(START_ID),
                  scores=jnp.zeros(batch, jnp.float32),
-                 alphas=jnp.zeros((batch, max_length - 1, regions_count), jnp.float32))
+                 alphas=jnp.zeros((batch, max_length - 1, regions_count), jnp.float32),
+                 choices=jnp.zeros((batch, max_length - 1), jnp.int32))
 
     def cond(state):
         return (state["t"] < max_length) & ~jnp.all(state["done"])
 
     def body(state):
         t, done = state["t"], state["done"]
-        carry, logits, alpha = model.apply(variables, context, state["carry"],
-                                           state["tokens"][:, t - 1],
-                                           method=Captioner.decode_step)
+        if choice_key is None:
+            carry, logits, alpha = model.apply(variables, context, state["carry"],
+                                               state["tokens"][:, t - 1],
+                                               method=Captioner.decode_step)
+            choice, choice_logp = state["choices"][:, t - 1], 0.0
+        else:
+            carry, logits, alpha, choice, choice_logp = model.apply(
+                variables, context, state["carry"], state["tokens"][:, t - 1],
+                method=Captioner.policy_step, rngs={"sample": jax.random.fold_in(choice_key, t)})
         logp = _next_word_logp(logits, state["tokens"], t, min_length, no_repeat_ngram)
         if keys is None:
             token = jnp.argmax(logp, axis=-1)
@@ -117,12 +125,13 @@ def _word_by_word(model: Captioner, variables, inputs, keys, temperature, max_le
         emitted_logp = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
         return dict(t=t + 1, carry=carry, done=done | (token == END_ID),
                     tokens=state["tokens"].at[:, t].set(token),
-                    scores=state["scores"] + jnp.where(done, 0.0, emitted_logp),
+                    scores=state["scores"] + jnp.where(done, 0.0, emitted_logp + choice_logp),
                     # no word emitted, no attention recorded
-                    alphas=state["alphas"].at[:, t - 1].set(jnp.where(done[:, None], 0.0, alpha)))
+                    alphas=state["alphas"].at[:, t - 1].set(jnp.where(done[:, None], 0.0, alpha)),
+                    choices=state["choices"].at[:, t - 1].set(jnp.where(done, 0, choice)))
 
     state = jax.lax.while_loop(cond, body, state)
-    return state["tokens"], state["scores"], state["alphas"]
+    return state["tokens"], state["scores"], state["alphas"], state["choices"]
 
 
 def greedy(model: Captioner, variables, inputs, max_length: int, min_length: int = 0,
@@ -133,7 +142,7 @@ def greedy(model: Captioner, variables, inputs, max_length: int, min_length: int
     zero after ``<end>``. ``min_length`` counts words before ``<end>``.
     """
     return _word_by_word(model, variables, inputs, None, 1.0, max_length, min_length,
-                         no_repeat_ngram, 0)
+                         no_repeat_ngram, 0)[:3]
 
 
 def sample(model: Captioner, variables, inputs, keys, max_length: int, temperature: float = 1.0,
@@ -144,7 +153,20 @@ def sample(model: Captioner, variables, inputs, keys, max_length: int, temperatu
     temperature and top-k).
     """
     return _word_by_word(model, variables, inputs, keys, jnp.float32(temperature), max_length,
-                         min_length, no_repeat_ngram, top_k)
+                         min_length, no_repeat_ngram, top_k)[:3]
+
+
+def rollout(model: Captioner, variables, inputs, keys, choice_key, max_length: int):
+    """A rollout of the model's policy, as self-critical training samples it: ``sample`` at
+    temperature 1 with no top-k and no minimum length, a variant that ``CHOOSES`` drawing
+    its choices too (from ``choice_key``; every other variant ignores it). Returns
+    ``(tokens, scores, alphas, choices (B, max_length - 1))``, the score the log-probability
+    of the words and the choices; ``choices`` is None for a variant that makes none."""
+    model_chooses = model.decoder.CHOOSES
+    tokens, scores, alphas, choices = _word_by_word(
+        model, variables, inputs, keys, jnp.float32(1.0), max_length, 0, 0, 0,
+        choice_key if model_chooses else None)
+    return tokens, scores, alphas, choices if model_chooses else None
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_length", "min_length",

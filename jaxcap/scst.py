@@ -10,20 +10,23 @@ captions, by REINFORCE with a baseline:
     loss = -(1 / samples) * sum_s (r(w_s) - b) * log p(w_s)
 
 * ``scst.samples`` captions per image are drawn inside the jitted step by the
-  sampler every search uses (``jaxcap.decode.sample``, temperature 1, no top-k,
+  sampler every search uses (``jaxcap.decode.rollout``: temperature 1, no top-k,
   no minimum length, so ``p`` is the model's own distribution), from features
   the encoder computes once per image;
 * ``r``: ``scst.cider_d`` x CIDEr-D + ``scst.bleu4`` x BLEU-4 (+
   ``scst.reward_fn_weight`` x a user's ``scst.reward_fn``, see
   ``jaxcap.rewards``) against the image's training references, document
-  frequencies from the training split;
+  frequencies from the training split, ``<end>`` counted as a word of the
+  samples and of the references (as Rennie et al. and self-critical.pytorch);
 * ``b``: the reward of the greedy caption (``greedy``, Rennie et al.) or the
   mean reward of the image's other samples (``mean``);
 * ``log p(w_s)`` comes from the teacher-forced pass over the sample, the one
   cross-entropy training differentiates, so every decoder variant trains this way.
-  Both run in inference mode (no dropout, BatchNorm on its running statistics,
-  hard attention on its expected context), so the samples come from exactly the
-  distribution that is differentiated.
+  Both run in inference mode (no dropout, BatchNorm on its running statistics),
+  so the samples come from exactly the distribution that is differentiated. A
+  variant whose steps make a choice besides the word (``hard``: the region it
+  looks at) is sampled with its choices, and the teacher-forced pass replays
+  them: ``log p`` is then that of the words and the regions together.
 
 Validation picks the best checkpoint by CIDEr-D.
 """
@@ -40,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcap import decode, rewards
-from jaxcap.data.text import PAD_ID, Vocabulary, words
+from jaxcap.data.text import END_ID, PAD_ID, Vocabulary, words
 from jaxcap.models.captioner import Captioner
 
 BASELINES = ("greedy", "mean")
@@ -75,8 +78,9 @@ class Objective:
 
     def terms(self, model: Captioner, variables, batch, rng, references: rewards.References):
         """``(terms, counts, None, stats)`` of this device's batch, as ``train.loss_terms``:
-        the policy-gradient term (per sample), and the mean sample, baseline and greedy
-        rewards as statistics."""
+        the policy-gradient term (per sample), and as statistics the mean sample, baseline
+        and greedy rewards and ``no_signal``, the share of images whose every sample scored
+        its baseline (they give no gradient)."""
         inputs = batch["features"] if "features" in batch else batch["image"]
         image, weights = batch["image_index"], batch["weights"]
         features = model.apply(variables, inputs, method=Captioner.features)
@@ -88,7 +92,8 @@ class Objective:
         batch_size, count = image.shape[0], self.samples
         repeated = jnp.repeat(frozen(features), count, axis=0)
         keys = jax.random.split(rng, batch_size * count)
-        sampled, _, _ = decode.sample(searcher, search_variables, repeated, keys, self.max_length)
+        sampled, _, _, choices = decode.rollout(searcher, search_variables, repeated, keys,
+                                                jax.random.fold_in(rng, 1), self.max_length)
         sample_words, sample_lengths = rewards.caption_words(sampled)
         reward = self.reward(sample_words, sample_lengths, references,
                              jnp.repeat(image, count)).reshape(batch_size, count)
@@ -102,33 +107,43 @@ class Objective:
         advantage = frozen(reward - baseline) * weights[:, None]
 
         sample_logp = model.apply(variables, jnp.repeat(features, count, axis=0), sampled,
-                                  method=caption_log_probability).reshape(batch_size, count)
+                                  choices, method=caption_log_probability).reshape(batch_size,
+                                                                                   count)
         terms = {"scst": (-jnp.sum(advantage * sample_logp), "sample")}
         per_image = weights[:, None] * jnp.ones_like(reward)
+        # An image whose samples all score their baseline gives no gradient: where every
+        # image does (a policy settled on one caption, e.g. an empty one after too large
+        # a step), SCST has stopped learning.
+        no_signal = jnp.all(reward == baseline, axis=1).astype(jnp.float32)
         stats = {"reward": (jnp.sum(per_image * reward), "sample"),
                  "baseline_reward": (jnp.sum(per_image * baseline), "sample"),
-                 "greedy_reward": (jnp.sum(weights * greedy_reward), "example")}
+                 "greedy_reward": (jnp.sum(weights * greedy_reward), "example"),
+                 "no_signal": (jnp.sum(weights * no_signal), "example")}
         counts = {"sample": jnp.sum(per_image), "example": jnp.sum(weights)}
         return terms, counts, None, stats
 
 
-def caption_log_probability(module: Captioner, features, tokens):
+def caption_log_probability(module: Captioner, features, tokens, choices=None):
     """The summed log-probability (N,) of decoded rows ``tokens`` (N, T) (``<start>`` first,
     ``<pad>`` after ``<end>``) under the model's next-word distribution, teacher-forced on
-    the encoder's grids ``features`` in inference mode: what ``decode.sample`` drew them from
-    (its score), here differentiable."""
-    outputs = module.decoder(features, tokens[:, :-1], train=False)
+    the encoder's grids ``features`` in inference mode: what ``decode.rollout`` drew them
+    from (its score), here differentiable. ``choices`` (N, T - 1): a variant's choices in
+    that rollout, replayed, their log-probabilities added to the words'."""
+    outputs = module.decoder(features, tokens[:, :-1], train=False, choices=choices)
     targets = tokens[:, 1:]
     token_logp = jnp.take_along_axis(decode.word_logp(outputs["logits"]), targets[..., None],
                                      axis=-1)[..., 0]
+    if choices is not None:
+        token_logp = token_logp + outputs["choice_logp"]
     return jnp.sum(jnp.where(targets != PAD_ID, token_logp, 0.0), axis=1)
 
 
 def training_references(captions: list[list[str]], vocabulary: Vocabulary) -> rewards.References:
     """The reward's references: each training image's captions as word ids, whole (not cut
-    to ``text.max_length``), in the vocabulary the model writes with."""
-    return rewards.References.build([[[vocabulary.id(w) for w in words(c)] for c in image]
-                                     for image in captions])
+    to ``text.max_length``), in the vocabulary the model writes with, each closed by
+    ``<end>`` as the samples are (``rewards.caption_words``)."""
+    return rewards.References.build([[[vocabulary.id(w) for w in words(c)] + [END_ID]
+                                      for c in image] for image in captions])
 
 
 def check_init_run(init_from: str, workdir: Path) -> Path:

@@ -37,14 +37,17 @@ class Captioner(nn.Module):
                                 train=train and self.train_batchnorm)
         return features if self.finetune_encoder else jax.lax.stop_gradient(features)
 
-    def __call__(self, inputs, tokens, train: bool = False) -> dict:
-        return self.decoder(self.features(inputs, train), tokens, train)
+    def __call__(self, inputs, tokens, train: bool = False, choices=None) -> dict:
+        return self.decoder(self.features(inputs, train), tokens, train, choices)
 
     def start(self, inputs, max_length: int):
         return self.decoder.start(self.features(inputs), max_length)
 
     def decode_step(self, context, state, tokens):
         return self.decoder.decode_step(context, state, tokens)
+
+    def policy_step(self, context, state, tokens):
+        return self.decoder.policy_step(context, state, tokens)
 
     def losses(self, outputs, token_logp, mask, weights, train: bool) -> dict:
         return self.decoder.losses(outputs, token_logp, mask, weights, train)

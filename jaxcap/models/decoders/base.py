@@ -19,6 +19,14 @@ A variant is forward code only. It writes:
   ``"example"`` saying what the trainer divides the sum by (the global count).
 * optionally a faster ``teacher_forced``; a test must then show that it equals
   the generic one in loss and every gradient.
+* optionally a choice besides the word (``CHOOSES = True``; hard attention's
+  region): ``step`` then takes ``choice=None``. In inference its step draws the
+  choice from the ``sample`` stream when one is given (a rollout of the policy,
+  ``policy_step``; without one, a search, it takes the most likely), or takes the
+  ``choice`` (B,) given (a replay of a rollout, ``teacher_forced(...,
+  choices=...)``), and reports ``choice`` and its log-probability
+  ``choice_logp`` in ``out``. SCST samples such a variant's choices with its
+  words and differentiates their log-probabilities with the words'.
 
 Every variant gets: the word embedding (``embed``, GloVe-initialised by the
 trainer), the readout (``logits``: dropout, then a dense layer to the
@@ -60,6 +68,8 @@ class Decoder(nn.Module):
 
     # field -> what its value must be; a variant adds its own fields' (``{**Base.RULES, ...}``)
     RULES = {"embed_dim": AT_LEAST_1, "hidden_dim": AT_LEAST_1, "dropout_rate": FRACTION}
+    # Whether a step makes a choice besides the word (see the protocol above).
+    CHOOSES = False
 
     @classmethod
     def check_settings(cls, settings: dict, names: dict | None = None) -> None:
@@ -99,22 +109,30 @@ class Decoder(nn.Module):
     def logits(self, hidden, train: bool):
         return self.output(self.dropout(hidden, deterministic=not train)).astype(jnp.float32)
 
-    def __call__(self, features, tokens, train: bool = False) -> dict:
+    def __call__(self, features, tokens, train: bool = False, choices=None) -> dict:
         """Teacher forcing: ``tokens`` (B, T) are the input words. Returns a dict with
-        ``logits`` (B, T, V), ``alphas`` (B, T, P) and the steps' other outputs (B, T, ...)."""
+        ``logits`` (B, T, V), ``alphas`` (B, T, P) and the steps' other outputs (B, T, ...).
+        ``choices`` (B, T): a variant that ``CHOOSES`` replays these choices (inference)."""
         context, state = self.start(features, tokens.shape[1])
-        return self.teacher_forced(context, state, tokens, train)
+        if choices is None:
+            return self.teacher_forced(context, state, tokens, train)
+        if not self.CHOOSES:
+            raise ValueError(f"{type(self).__name__} makes no choice besides the word")
+        return self.teacher_forced(context, state, tokens, train, choices=choices)
 
-    def teacher_forced(self, context, state, tokens, train: bool) -> dict:
+    def teacher_forced(self, context, state, tokens, train: bool, choices=None) -> dict:
         """The generic path: ``step`` scanned over time, the readout over all steps at once."""
-        def body(module, state, word, context):
-            return module.step(context, state, word, train)
+        def body(module, state, inputs, context):
+            word, choice = inputs
+            if choice is None:
+                return module.step(context, state, word, train)
+            return module.step(context, state, word, train, choice=choice)
 
         scan = nn.scan(body, variable_broadcast=["params", "batch_stats"],
                        in_axes=(1, nn.broadcast),
                        out_axes=1,
                        split_rngs={"params": False, **{name: True for name in STEP_RNGS}})
-        _, outputs = scan(self, state, self.embed(tokens), context)
+        _, outputs = scan(self, state, (self.embed(tokens), choices), context)
         return self.outputs(outputs, train)
 
     def outputs(self, outputs: dict, train: bool) -> dict:
@@ -127,6 +145,13 @@ class Decoder(nn.Module):
         """Inference: ``(state, next-word logits (B, V), alpha (B, P))`` after ``tokens`` (B,)."""
         state, out = self.step(context, state, self.embed(tokens), train=False)
         return state, self.logits(out["hidden"], train=False), out["alpha"]
+
+    def policy_step(self, context, state, tokens):
+        """``decode_step`` of a variant that ``CHOOSES``, its choice drawn from the ``sample``
+        stream: also ``(choice (B,), its log-probability (B,))``."""
+        state, out = self.step(context, state, self.embed(tokens), train=False)
+        return (state, self.logits(out["hidden"], train=False), out["alpha"], out["choice"],
+                out["choice_logp"])
 
 
 # ------------------------------------------------------------- shared pieces

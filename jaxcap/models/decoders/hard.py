@@ -5,6 +5,12 @@ training one region ``s ~ Categorical(alpha)`` is sampled, and with
 probability ``expected_context_prob`` (the paper's 0.5) the expected context
 of soft attention is used instead; in decoding the most likely region.
 
+Under self-critical training the regions are part of the policy (``CHOOSES``):
+each rollout samples its region at every step with its words, and the
+teacher-forced replay of that rollout adds ``log alpha_t(s_t)`` to the words'
+log-probabilities, so REINFORCE moves the attention too. (Scored on the most
+likely region, the one-hot would carry no gradient into the attention.)
+
 Training follows the paper's variational objective. The cross-entropy of the
 caption given the sampled regions is the trainer's; this variant adds
 
@@ -40,6 +46,7 @@ class HardAttentionDecoder(SoftAttentionDecoder):
     RULES = {**SoftAttentionDecoder.RULES, "reinforce_weight": AT_LEAST_0,
              "entropy_weight": AT_LEAST_0, "baseline_decay": FRACTION,
              "expected_context_prob": PROBABILITY}
+    CHOOSES = True  # the region each step looks at
 
     def setup(self):
         super().setup()
@@ -47,15 +54,30 @@ class HardAttentionDecoder(SoftAttentionDecoder):
         self.baseline = self.variable("batch_stats", "reward_baseline",
                                       lambda: jnp.zeros(2, jnp.float32))
 
-    def teacher_forced(self, context, state, tokens, train: bool) -> dict:
+    def teacher_forced(self, context, state, tokens, train: bool, choices=None) -> dict:
         # The generic path always: soft's hand-written backward assumes the expected context.
-        return Decoder.teacher_forced(self, context, state, tokens, train)
+        return Decoder.teacher_forced(self, context, state, tokens, train, choices)
 
-    def glimpse(self, alpha, regions, train: bool):
-        if not train:
-            most_likely = jax.nn.one_hot(jnp.argmax(alpha, axis=-1), alpha.shape[-1])
-            return precision.einsum("bp,bpd->bd", most_likely.astype(regions.dtype), regions), {}
+    def step(self, context, state, word, train: bool, choice=None):
+        regions, projected = context
+        state, out, _ = self.gated_step(state, self.word_gates(word), projected, regions, train,
+                                        choice=choice)
+        return state, out
+
+    def glimpse(self, alpha, regions, train: bool, choice=None):
         log_alpha = jnp.log(jnp.maximum(alpha, jnp.finfo(jnp.float32).tiny))
+        if not train:
+            if choice is None and not self.has_rng("sample"):  # a search: the likeliest region
+                choice = jnp.argmax(alpha, axis=-1)
+                return precision.einsum("bp,bpd->bd", jax.nn.one_hot(
+                    choice, alpha.shape[-1], dtype=regions.dtype), regions), {}
+            if choice is None:  # a rollout of the policy (SCST): the region is drawn
+                choice = jax.random.categorical(self.make_rng("sample"),
+                                                jax.lax.stop_gradient(log_alpha))
+            chosen = jax.nn.one_hot(choice, alpha.shape[-1], dtype=regions.dtype)
+            return precision.einsum("bp,bpd->bd", chosen, regions), {
+                "choice": choice.astype(jnp.int32),
+                "choice_logp": jnp.take_along_axis(log_alpha, choice[:, None], axis=1)[:, 0]}
         region_key, expected_key = jax.random.split(self.make_rng("sample"))
         choice = jax.random.categorical(region_key, jax.lax.stop_gradient(log_alpha))
         expected = jax.random.bernoulli(expected_key, self.expected_context_prob,

@@ -68,16 +68,17 @@ class SoftAttentionDecoder(Decoder):
         return state, out
 
     def gated_step(self, carry, word_gates, projected, regions, train: bool = False,
-                   context_kernel_t=None):
+                   context_kernel_t=None, choice=None):
         """The step from the word's share of the gates; also returns what the
         hand-written backward pass needs. ``context_kernel_t``: the context gates'
-        kernel stored transposed (see ``_scan``)."""
+        kernel stored transposed (see ``_scan``); ``choice``: the region of a variant
+        that chooses one (``hard``)."""
         h_prev, c_prev = carry
         a, d = self.attention_dim, self.feature_dim
         fused = self.h_projection(h_prev)
         query, gate, h_gates = fused[:, :a], fused[:, a:a + d], fused[:, a + d:]
         alpha = self.attention.weights(projected, query)
-        context, extras = self.glimpse(alpha, regions, train)
+        context, extras = self.glimpse(alpha, regions, train, choice)
         sigma = jax.nn.sigmoid(gate)
         gated = context * sigma
         if context_kernel_t is None:
@@ -89,7 +90,7 @@ class SoftAttentionDecoder(Decoder):
         saved = (h_prev, c_prev, query, context, sigma, gated, i, f, g, o, tanh_c)
         return (h, c), {"hidden": h, "alpha": alpha, **extras}, saved
 
-    def glimpse(self, alpha, regions, train: bool):
+    def glimpse(self, alpha, regions, train: bool, choice=None):
         """What the step sees of the image: the expected region under ``alpha``."""
         return precision.einsum("bp,bpd->bd", alpha.astype(regions.dtype), regions), {}
 
