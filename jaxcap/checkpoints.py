@@ -9,6 +9,7 @@ layout of its parameters, which ``jaxcap migrate`` reads to carry old runs over.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -57,11 +58,25 @@ def saved_layout(step_dir: Path, collection: str = "params") -> dict[str, list[i
     return param_layout(tree.get(collection, {}))
 
 
-def _is_access_error(error: BaseException) -> bool:
-    """An I/O or permission error (not a missing file): retrying later may succeed, so
-    nothing may be moved or rewritten because of it."""
-    return isinstance(error, OSError) and not isinstance(error, FileNotFoundError) or \
-        "PERMISSION_DENIED" in str(error)
+# tensorstore's codes (in the message of the ValueError Orbax raises) for stored bytes that
+# are missing or do not decode: a file deleted or cut short, a manifest or a compressed chunk
+# overwritten (each seen when a checkpoint's files were damaged so).
+_DAMAGE_CODES = re.compile(r"\b(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION):")
+# Codes of a machine or a store that may answer later: never a reason to move a checkpoint.
+_PASSING_CODES = re.compile(r"\b(RESOURCE_EXHAUSTED|UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED|"
+                            r"CANCELLED|PERMISSION_DENIED|UNAUTHENTICATED):")
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether a restore failed because the checkpoint's files are shown to be damaged
+    (missing, truncated, unparsable). Anything else (out of memory, a store that is busy or
+    timed out, a permission or I/O error, an error not known to mean damage) may pass, or
+    is not the checkpoint's fault: it is raised as it is and nothing is moved."""
+    if isinstance(error, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)):
+        return True
+    if isinstance(error, (OSError, MemoryError)) or _PASSING_CODES.search(str(error)):
+        return False
+    return isinstance(error, ValueError) and bool(_DAMAGE_CODES.search(str(error)))
 
 
 def read_run_info(workdir: Path) -> dict:
@@ -142,14 +157,17 @@ class Checkpoints:
 
         Failures are told apart, and none loses the run:
 
-        * a damaged checkpoint (truncated or missing files, bad metadata) is
-          moved to ``unreadable_checkpoints/`` (kept for a post-mortem, out of
-          the way of the steps the run will save again) and the previous one
-          is tried; when none is readable the run stops, it does not restart;
+        * a damaged checkpoint (``is_damage``: truncated or missing files, bad
+          metadata) is moved to ``unreadable_checkpoints/`` (kept for a
+          post-mortem, out of the way of the steps the run will save again) and
+          the previous one is tried; when none is readable the run stops, it does
+          not restart;
         * parameters whose names or shapes differ from the model the config
           builds (a run from another jaxcap version) stop the run with the
           differing paths, touching nothing;
-        * an I/O or permission error is raised as it is, touching nothing.
+        * anything else (out of memory, a busy or slow store, an I/O or
+          permission error) is raised as it is, touching nothing: a rerun tries
+          the same checkpoint again.
         """
         steps = sorted(self.latest.all_steps(), reverse=True)
         aside = self.workdir / "unreadable_checkpoints"
@@ -164,7 +182,7 @@ class Checkpoints:
             except CheckpointError:
                 raise
             except Exception as error:  # Orbax raises many kinds for a damaged checkpoint
-                if _is_access_error(error):
+                if not is_damage(error):
                     raise
                 if distributed.is_primary():  # every process failed alike; one moves it
                     target = aside / f"{step}-{int(time.time())}"

@@ -419,18 +419,46 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error_touching_noth
     assert _snapshot(workdir) == before
 
 
-def test_a_permission_error_on_restore_is_raised_touching_nothing(tmp_path, data_dir,
-                                                                   four_steps, monkeypatch):
-    workdir = _copy(four_steps, tmp_path, "denied")
+@pytest.mark.parametrize("failure", [
+    PermissionError(13, "Permission denied"), MemoryError(),
+    ValueError("UNAVAILABLE: Error reading \"params.decoder\" in OCDBT database: try again"),
+    ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB"),
+    ValueError("DEADLINE_EXCEEDED: Error reading from gs://bucket/run/checkpoints/4"),
+    RuntimeError("an error nobody has shown to mean damage")],
+    ids=["permission", "memory", "unavailable", "resource_exhausted", "deadline", "unknown"])
+def test_a_failure_that_is_not_damage_is_raised_touching_nothing(tmp_path, data_dir, four_steps,
+                                                                 monkeypatch, failure):
+    """Only what is shown damaged is set aside: a restore that ran out of memory or met a busy
+    store fails as it is, every checkpoint stays where it was, and a rerun tries again."""
+    workdir = _copy(four_steps, tmp_path, "failing")
     before = _snapshot(workdir)
 
-    def denied(*args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(workdir / "checkpoints" / "4"))
+    def fail(*args, **kwargs):
+        raise failure
 
-    monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
-    with pytest.raises(PermissionError):
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", fail)
+    with pytest.raises(type(failure)):
         cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4"))
     assert _snapshot(workdir) == before
+    monkeypatch.undo()
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4")) == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "unparsable"])
+def test_damaged_files_are_what_sets_a_checkpoint_aside(tmp_path, data_dir, four_steps, damage):
+    workdir = _copy(four_steps, tmp_path, damage)
+    state = workdir / "checkpoints" / "4" / "state"
+    chunks = [p for p in (state / "ocdbt.process_0" / "d").iterdir()]
+    if damage == "truncated":
+        for chunk in chunks:
+            chunk.write_bytes(chunk.read_bytes()[:chunk.stat().st_size // 2])
+    elif damage == "deleted":
+        (state / "_METADATA").unlink()
+    else:
+        (state / "_METADATA").write_text("{not json")
+    with pytest.warns(UserWarning, match="checkpoint 4 .* is unreadable"):
+        assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=4")) == 2
+    assert [p.name.split("-")[0] for p in (workdir / "unreadable_checkpoints").iterdir()] == ["4"]
 
 
 def test_when_no_checkpoint_is_readable_the_run_stops_and_never_restarts_from_zero(
