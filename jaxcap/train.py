@@ -72,6 +72,10 @@ MODEL_KEYS = ("decoder", "encoder.weights", "encoder.init_depth", "encoder.init_
               "dataset.name", "dataset.shapes", "seed")
 # What a run continued by SCST (objective=scst) takes from the run it starts from.
 INHERITED_KEYS = tuple(key for key in MODEL_KEYS if key != "seed")
+# Settings that shaped a run's history: they may change until its first checkpoint, not after.
+# The SCST stage boundary decides which validation score picks and compares the best
+# checkpoints (BLEU-4 without SCST, CIDEr-D with it) and where the learning rate switches.
+HISTORY_KEYS = ("scst.from_epoch",)
 
 
 class TrainingError(Exception):
@@ -172,15 +176,25 @@ def _check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
             now = dict(_leaves(_lookup(known, key), key))
             changed += [(k, before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys())
                         if before.get(k) != now.get(k)]
+        trained = any(path.name.isdigit() for folder in ("checkpoints", "best")
+                      if (workdir / folder).is_dir() for path in (workdir / folder).iterdir())
         if changed:
             details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
-            trained = any(path.name.isdigit() for folder in ("checkpoints", "best")
-                          if (workdir / folder).is_dir() for path in (workdir / folder).iterdir())
             advice = ("Use a new --workdir, or the original values, to resume." if trained else
                       "It has no checkpoint yet: use a new --workdir, or delete this one to "
                       "start it again with this config.")
             raise TrainingError(f"{workdir} holds a run with another model config ({details}). "
                                 + advice)
+        for key in HISTORY_KEYS if trained else ():
+            before = _lookup(saved, key)
+            before = AS_BEFORE.get(key) if before is None else before
+            if before != _lookup(current, key):
+                raise TrainingError(
+                    f"{workdir} was trained with {key}={before!r}, not {_lookup(current, key)!r}: "
+                    f"the SCST stage boundary decides which validation score picks its best "
+                    f"checkpoint and where the learning rate switches, so it cannot change once "
+                    f"the run has a checkpoint. Resume with --config.{key}={before}, or train "
+                    f"into a new --workdir.")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:

@@ -503,6 +503,20 @@ def test_changed_model_config_on_resume_is_a_clear_error(tmp_path, data_dir, cap
     assert "another model config (decoder.hidden_dim: 32 -> 64)" in err  # that setting alone
 
 
+def test_a_changed_scst_stage_boundary_is_refused_once_the_run_has_a_checkpoint(
+        tmp_path, data_dir, four_steps, capsys):
+    """Switching a cross-entropy run to SCST later (or moving the switch) would change the
+    score its best checkpoints were picked and compared by: refused, naming the setting,
+    with config.json and every checkpoint as they were."""
+    workdir = _copy(four_steps, tmp_path, "stage")
+    before = _snapshot(workdir)
+    assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=8",
+                                "--config.scst.from_epoch=1", "--config.scst.samples=2")) == 2
+    err = capsys.readouterr().err
+    assert "scst.from_epoch=-1, not 1" in err and "--config.scst.from_epoch=-1" in err
+    assert _snapshot(workdir) == before
+
+
 def test_a_run_stopped_before_its_first_checkpoint_says_it_may_be_started_again(
         tmp_path, data_dir, capsys):
     """As a run stopped while it prepared its data: config.json written, no checkpoint."""
@@ -636,6 +650,8 @@ def test_nan_loss_stops_the_run_without_a_checkpoint_of_it(tmp_path, data_dir, c
     ("decoder.dropout=1", "decoder.dropout=1.0: must be at least 0 and below 1"),
     ("decoder.variant=transformer decoder.transformer.heads=3",
      "decoder.transformer.width=256: must be a multiple of decoder.transformer.heads (3)"),
+    ("decoder.variant=transformer decoder.transformer.width=18 decoder.transformer.heads=2",
+     "decoder.transformer.width=18: must be a multiple of 4"),
     ("plateau_factor=1.5", "plateau_factor=1.5: must be above 0 and at most 1"),
     ("num_epochs=0", "num_epochs=0: must be at least 1 (or num_train_steps at least 1)"),
     ("encoder.image_size=0", "encoder.image_size=0: must be at least 1"),
