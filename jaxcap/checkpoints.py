@@ -32,6 +32,8 @@ class CheckpointError(Exception):
 
 
 RUN_INFO = "run_info.json"
+# The copies of a step's state that 'jaxcap migrate' makes while it swaps them (migrate.py).
+MIGRATION_COPIES = ("state.migrated", "state.before-migration")
 
 
 def param_layout(tree) -> dict[str, list[int]]:
@@ -205,8 +207,14 @@ class Checkpoints:
 
     def _check_layout(self, manager, step: int, abstract: TrainState) -> None:
         """Raises a ``CheckpointError`` naming the differing parameters when the checkpoint's
-        tree does not fit the model; unreadable metadata raises what reading raised."""
-        saved = saved_layout(Path(manager.directory) / str(step))
+        tree does not fit the model, or when a stopped ``jaxcap migrate`` left it between
+        two copies; unreadable metadata raises what reading raised."""
+        step_dir = Path(manager.directory) / str(step)
+        if any((step_dir / name).exists() for name in MIGRATION_COPIES):
+            raise CheckpointError(
+                f"checkpoint {step} of {self.workdir} is in the middle of a migration that was "
+                f"stopped; nothing was changed. Run 'jaxcap migrate {self.workdir}' to finish it.")
+        saved = saved_layout(step_dir)
         expected = param_layout(abstract.params)
         if saved == expected:
             return

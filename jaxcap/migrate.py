@@ -15,7 +15,11 @@ the table in which a jaxcap release that renames parameters records its
 renames, and ``--rename OLD=NEW`` for a user's own (a fork, a variant renamed in
 a research branch). Nothing is written unless, renamed, every checkpoint fits the
 model exactly; the originals are kept in ``RUN/before-migration-TIME/`` and the
-migration is recorded in ``run_info.json``.
+migration is recorded in ``run_info.json``. Each checkpoint's state is swapped
+for its renamed copy by renaming the original aside, then the copy into place: a
+migration killed at any moment leaves every step's state whole under one of the
+two names, and ``jaxcap migrate RUN`` finishes the swap (training and captioning
+refuse such a run until then).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from flax import traverse_util
 
 from jaxcap import __version__
 from jaxcap.runs import abstract_state, read_run
-from jaxcap.checkpoints import param_layout, read_run_info, saved_layout, write_run_info
+from jaxcap.checkpoints import (MIGRATION_COPIES, param_layout, read_run_info, saved_layout,
+                                write_run_info)
 
 # version that renamed -> [(old path pattern, new path)]. A release that renames a parameter
 # adds its renames here, so that 'jaxcap migrate RUN' carries older runs over unasked.
@@ -113,6 +118,32 @@ def _plan(saved: dict, expected: dict, renames, where: str) -> dict[str, str]:
     return {old: new for old, new in mapping.items() if old != new}
 
 
+# A step's state item is swapped for its renamed copy (STAGED) in two renames: the original
+# aside (ASIDE), then the copy into place. A process killed between them leaves the step
+# with no state item but both copies whole; ``finish_swaps`` completes the swap.
+STAGED, ASIDE = MIGRATION_COPIES
+
+
+def finish_swaps(workdir: Path, log=print) -> None:
+    """Completes (or undoes, when it had not begun) every swap a killed migration left."""
+    for step_dir in _step_dirs(workdir):
+        state, staged, aside = step_dir / "state", step_dir / STAGED, step_dir / ASIDE
+        if not state.exists() and staged.exists():  # killed between the two renames
+            staged.rename(state)
+            log(f"{step_dir.parent.name}/{step_dir.name}: finished the swap a stopped "
+                "migration left")
+        if state.exists() and aside.exists():  # killed before the original was deleted
+            shutil.rmtree(aside)
+        if state.exists() and staged.exists():  # killed before the swap: redone below
+            shutil.rmtree(staged)
+
+
+def swap_in(step_dir: Path) -> None:
+    (step_dir / "state").rename(step_dir / ASIDE)
+    (step_dir / STAGED).rename(step_dir / "state")
+    shutil.rmtree(step_dir / ASIDE)
+
+
 def _step_dirs(workdir: Path) -> list[Path]:
     return sorted((step for folder in ("checkpoints", "best") if (workdir / folder).is_dir()
                    for step in (workdir / folder).iterdir() if step.name.isdigit()),
@@ -123,6 +154,7 @@ def migrate(workdir, renames=(), dry_run: bool = False, log=print) -> int:
     """Renames the parameters of every checkpoint of ``workdir`` that needs it; returns
     how many checkpoints were rewritten (or would be, with ``dry_run``)."""
     workdir, config, vocabulary = read_run(workdir)
+    finish_swaps(workdir, log)
     _, abstract, _, _ = abstract_state(workdir, config, vocabulary)
     written_by = _version(read_run_info(workdir).get("jaxcap_version", "0.1.0"))
     renames = [rename for version, table in sorted(RENAMES.items(), key=lambda v: _version(v[0]))
@@ -153,12 +185,10 @@ def migrate(workdir, renames=(), dry_run: bool = False, log=print) -> int:
         inverse = {new: old for old, new in mapping.items()}
         with ocp.StandardCheckpointer() as checkpointer:
             old_state = checkpointer.restore(step_dir / "state", rename_state(abstract, inverse))
-            staged = step_dir / "state.migrated"
-            checkpointer.save(staged, rename_state(old_state, mapping), force=True)
+            checkpointer.save(step_dir / STAGED, rename_state(old_state, mapping), force=True)
         # The step's other items (the loop's progress, the best checkpoint's metrics) are
-        # untouched; the state item is swapped for its renamed copy.
-        shutil.rmtree(step_dir / "state")
-        staged.rename(step_dir / "state")
+        # untouched; the state item is swapped for its renamed copy, never deleted first.
+        swap_in(step_dir)
 
     migrations = read_run_info(workdir).get("migrations", []) + [
         {"by": __version__, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "renames": renames,

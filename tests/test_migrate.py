@@ -6,12 +6,13 @@ import shutil
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from flax import traverse_util
 
-from jaxcap import cli
-from jaxcap.migrate import rename_state
+from jaxcap import cli, migrate
+from jaxcap.checkpoints import CheckpointError, Checkpoints, saved_layout
+from jaxcap.migrate import parse_rename, rename_state
 from jaxcap.runs import abstract_state, load_run, read_run
-from jaxcap.checkpoints import Checkpoints, saved_layout
 
 TINY_CONFIG = "tiny"  # jaxcap/configs/tiny.py
 
@@ -97,3 +98,38 @@ def test_a_renamed_run_is_refused_then_migrated_and_resumes_exactly(tmp_path, tm
                  load_run(renamed).variables)
     assert cli.main(["train", "--workdir", str(renamed), *resume]) == 0
     assert _losses(renamed)[-1][0] == 24 and _losses(renamed)[:18] == _losses(original)
+
+
+def test_a_migration_stopped_between_its_renames_is_finished_by_the_next(
+        tmp_path, trained_run, monkeypatch):
+    """Killed after a step's state was renamed aside and before its renamed copy took its
+    place: the step has no state item, but both copies are whole. Loading refuses (moving
+    nothing), and the next migration finishes the swap."""
+    original = tmp_path / "original"
+    shutil.copytree(trained_run, original)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(trained_run, renamed)
+    _as_older_release_wrote_it(renamed)
+    renames = [parse_rename(r.split("=", 1)[1]) for r in RENAMES]
+
+    def killed(step_dir):
+        (step_dir / "state").rename(step_dir / migrate.ASIDE)
+        raise KeyboardInterrupt  # the process ends here
+
+    monkeypatch.setattr(migrate, "swap_in", killed)
+    with pytest.raises(KeyboardInterrupt):
+        migrate.migrate(renamed, renames, log=lambda _: None)
+    monkeypatch.undo()
+    stopped = next(p for p in (renamed / "best").iterdir() if p.name.isdigit())
+    assert not (stopped / "state").exists()
+    assert (stopped / migrate.ASIDE).is_dir() and (stopped / migrate.STAGED).is_dir()
+    with pytest.raises(CheckpointError, match="middle of a migration .* to finish it"):
+        load_run(renamed)
+    assert not (renamed / "unreadable_checkpoints").exists()
+
+    assert migrate.migrate(renamed, renames, log=lambda _: None) > 0
+    for step_dir in migrate._step_dirs(renamed):
+        assert sorted(p.name for p in step_dir.iterdir() if p.name.startswith("state")) == \
+            ["state"]
+    jax.tree.map(np.testing.assert_array_equal, load_run(original).variables,
+                 load_run(renamed).variables)
