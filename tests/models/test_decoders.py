@@ -391,6 +391,10 @@ def test_unknown_variants_and_settings_are_refused():
     ("transformer", {"transformer.heads": 0}, "decoder.transformer.heads=0: must be at least 1"),
     ("transformer", {"transformer.heads": 3},
      r"decoder.transformer.width=16: must be a multiple of decoder.transformer.heads \(3\)"),
+    # Heads divide it, but the 2-D positions of the regions need a sine and a cosine per axis
+    # (it had crashed at init, after config.json was written).
+    ("transformer", {"transformer.width": 18, "transformer.heads": 2},
+     "decoder.transformer.width=18: must be a multiple of 4"),
 ])
 def test_settings_out_of_range_are_refused_by_their_config_keys(variant, setting, message):
     config = _config(variant)

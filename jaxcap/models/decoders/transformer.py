@@ -103,10 +103,13 @@ class TransformerDecoder(Decoder):
     @classmethod
     def check_settings(cls, settings: dict, names: dict | None = None) -> None:
         super().check_settings(settings, names)
+        names = names or {}
+        width = names.get("width", "width")
+        if settings["width"] % 4:  # the regions' 2-D positions: a sine and a cosine per axis
+            raise ValueError(f"{width}={settings['width']}: must be a multiple of 4")
         if settings["width"] % settings["heads"]:  # each head takes width / heads channels
-            names = names or {}
-            raise ValueError(f"{names.get('width', 'width')}={settings['width']}: must be a "
-                             f"multiple of {names.get('heads', 'heads')} ({settings['heads']})")
+            raise ValueError(f"{width}={settings['width']}: must be a multiple of "
+                             f"{names.get('heads', 'heads')} ({settings['heads']})")
 
     def setup(self):
         super().setup()
