@@ -20,6 +20,13 @@ def png_bytes(width: int, height: int, bit_depth: int, color_type: int, rows: by
             + chunk(b"IEND", b""))
 
 
+def bomb_png(width: int = 10_000, height: int = 10_000) -> bytes:
+    """A gray PNG of ``width`` x ``height`` black pixels: a few hundred KB that decode to
+    ``width * height`` bytes (100 MB by default) and three times that as RGB."""
+    row = b"\x00" * (width + 1)  # filter byte, then the pixels
+    return png_bytes(width, height, 8, 0, row * height)
+
+
 def halves(width: int, height: int, left=(255, 0, 0), right=(0, 0, 255)) -> np.ndarray:
     """An RGB array whose left half is ``left`` and right half ``right``."""
     pixels = np.empty((height, width, 3), np.uint8)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxcap.data.images import ImageError, load_image
-from tests.image_fixtures import halves, write_every_kind
+from jaxcap.data.images import ImageError, ImageTooLarge, decoded_size, load_image
+from tests.image_fixtures import bomb_png, halves, write_every_kind
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +79,20 @@ def test_center_crop_keeps_the_middle(tmp_path):
 def test_unknown_resize_policy_is_refused(tmp_path):
     with pytest.raises(ValueError, match="resize must be one of"):
         load_image(tmp_path / "x.png", 8, resize="stretch")
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(every_kind):
+    """A decompression bomb (a PNG of a few hundred KB that decodes to 100 Mpx) is refused
+    before any pixel is decoded; a photo of 10000 pixels' width is not, since a JPEG
+    decodes at the reduced scale its target needs."""
+    bomb = bomb_png()
+    assert len(bomb) < 500_000 and decoded_size(bomb, 64) == (10_000, 10_000)
+    with pytest.raises(ImageTooLarge, match=r"decodes to 10000 x 10000 pixels \(100.0 Mpx\), "
+                                            r"over the limit of 40.0 Mpx"):
+        load_image(bomb, 64, max_pixels=40_000_000)
+    folder, _ = every_kind
+    huge = folder / "huge_10000.jpg"
+    assert decoded_size(huge, 64)[0] < 10_000 / 4
+    assert load_image(huge, 64, max_pixels=2_000_000).shape == (64, 64, 3)
+    with pytest.raises(ImageError, match="not a readable image"):
+        decoded_size(b"these are not pixels", 64)
