@@ -12,15 +12,21 @@ one ``lax.while_loop`` that stops as soon as every caption has ended:
 
 All three take a minimum length and block repeated n-grams, and return the
 tokens, the summed log-probability of the emitted words and the attention
-weights of every emitted word.
+weights of every emitted word. What sets the shapes of a search is static (a
+program per value: the beam size, the maximum length, the n-gram size blocked);
+every other option is an argument of the program (minimum length, top-k,
+temperature, length penalty, seed).
 
 ``CaptionSearch`` is what the commands use: it pads a batch of any size to one
 of a few bucket sizes (so a new number of images does not compile again),
-shards it over the local devices and returns text with the arrays.
+shards it over the local devices and returns text with the arrays; it can also
+compile its programs ahead of time and hold them itself (``compile``), so that
+a server decides which programs it keeps.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -72,11 +78,12 @@ def _repeats_ngram(tokens, t, n: int, vocab_size: int):
         jnp.arange(rows)[:, None], grams[:, :, -1]].max(match)
 
 
-def _top_k_cut(scaled_logp, top_k: int):
-    if not top_k:
-        return scaled_logp
-    kth = jax.lax.top_k(scaled_logp, top_k)[0][..., -1:]
-    return jnp.where(scaled_logp < kth, -jnp.inf, scaled_logp)
+def _top_k_cut(scaled_logp, top_k):
+    """Words below the ``top_k``-th most likely barred (none for 0). ``top_k`` may be traced
+    (a sort, where ``lax.top_k`` would compile a program per value of k)."""
+    vocab = scaled_logp.shape[-1]
+    kth = jnp.take(jnp.sort(scaled_logp, axis=-1), vocab - jnp.clip(top_k, 1, vocab), axis=-1)
+    return jnp.where((top_k > 0) & (scaled_logp < kth[..., None]), -jnp.inf, scaled_logp)
 
 
 def _batch_and_regions(model: Captioner, variables, inputs, context, carry) -> tuple[int, int]:
@@ -87,10 +94,9 @@ def _batch_and_regions(model: Captioner, variables, inputs, context, carry) -> t
     return alpha.shape
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length", "min_length",
-                                             "no_repeat_ngram", "top_k"))
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "no_repeat_ngram"))
 def _word_by_word(model: Captioner, variables, inputs, keys, temperature, max_length: int,
-                  min_length: int, no_repeat_ngram: int, top_k: int, choice_key=None):
+                  min_length, no_repeat_ngram: int, top_k, choice_key=None):
     """Greedy (``keys`` None) or sampled decoding, one word per loop step; with
     ``choice_key``, a rollout of a variant's choices too (``rollout``)."""
     context, carry = model.apply(variables, inputs, max_length, method=Captioner.start)
@@ -169,10 +175,10 @@ def rollout(model: Captioner, variables, inputs, keys, choice_key, max_length: i
     return tokens, scores, alphas, choices if model_chooses else None
 
 
-@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_length", "min_length",
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_length",
                                              "no_repeat_ngram"))
 def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length: int,
-                min_length: int = 0, length_penalty: float = 0.0, no_repeat_ngram: int = 0):
+                min_length=0, length_penalty=0.0, no_repeat_ngram: int = 0):
     """Batched beam search over images and beams together, in one ``lax.while_loop``.
 
     Returns ``(tokens (B, max_length), score (B,), alphas (B, max_length - 1, P))`` of each
@@ -291,6 +297,10 @@ def _settled(scores, lengths, done, max_length: int, length_penalty):
 # ------------------------------------------------------------------ for commands
 
 
+# A seed is a 32-bit unsigned number (it becomes the key ``PRNGKey(seed)``).
+MAX_SEED = 2 ** 32 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchOptions:
     """How captions are searched; ``temperature`` > 0 samples (with ``beam_size`` 1)."""
@@ -306,14 +316,24 @@ class SearchOptions:
 
     def __post_init__(self):
         for name, least in (("beam_size", 1), ("max_length", 2), ("min_length", 0),
-                            ("no_repeat_ngram", 0), ("top_k", 0), ("temperature", 0)):
+                            ("no_repeat_ngram", 0), ("top_k", 0), ("temperature", 0),
+                            ("seed", 0)):
             if not getattr(self, name) >= least:  # NaN is refused too
                 raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
         if not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number, got {self.temperature}")
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must be at most {MAX_SEED}, got {self.seed}")
         if self.temperature > 0 and self.beam_size > 1:
             raise ValueError("sampling (temperature > 0) draws one caption: "
                              "use beam_size 1 (--beam 1)")
+
+    @property
+    def program(self) -> tuple:
+        """What decides the compiled program (the rest are its arguments)."""
+        return (self.temperature > 0, self.beam_size, self.max_length, self.no_repeat_ngram)
 
 
 @dataclasses.dataclass
@@ -326,6 +346,25 @@ class Captions:
     alphas: np.ndarray  # (N, max_length - 1, P): attention when emitting tokens[:, 1:]
 
 
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "beam_size", "max_length",
+                                             "no_repeat_ngram"))
+def _search(model: Captioner, variables, inputs, first_index, seed, temperature, top_k,
+            min_length, length_penalty, *, sampling: bool, beam_size: int, max_length: int,
+            no_repeat_ngram: int):
+    """The search ``CaptionSearch`` runs: one program per static choice, the other options
+    its arguments. Sampled rows draw from ``fold_in(PRNGKey(seed), first_index + row)``."""
+    if sampling:
+        rows = first_index + jnp.arange(inputs.shape[0], dtype=jnp.uint32)
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(rows)
+        return _word_by_word(model, variables, inputs, keys, temperature, max_length,
+                             min_length, no_repeat_ngram, top_k)[:3]
+    if beam_size == 1:
+        return _word_by_word(model, variables, inputs, None, 1.0, max_length, min_length,
+                             no_repeat_ngram, 0)[:3]
+    return beam_search(model, variables, inputs, beam_size, max_length, min_length,
+                       length_penalty, no_repeat_ngram)
+
+
 class CaptionSearch:
     """Captions batches of any size with one compilation per bucket size, on all local devices.
 
@@ -334,6 +373,10 @@ class CaptionSearch:
     ``max_batch`` for ``d`` local devices. Padded rows are dropped from the
     results and never affect the real ones (every image is decoded
     independently).
+
+    By default the programs live in ``jax.jit``'s caches. ``compile()`` compiles every
+    bucket's program ahead of time into this object instead: they are used from then
+    on and freed with it (once JAX's own caches are cleared, ``jax.clear_caches``).
     """
 
     def __init__(self, model: Captioner, variables, vocabulary: Vocabulary,
@@ -346,7 +389,9 @@ class CaptionSearch:
                                for i in range(self.max_batch.bit_length())})
         mesh = Mesh(np.asarray(devices), ("batch",))
         self._rows = NamedSharding(mesh, PartitionSpec("batch"))
+        # Variables already laid out so (another search's) are taken as they are, not copied.
         self.variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+        self._compiled: dict[int, jax.stages.Compiled] = {}
 
     def bucket(self, count: int) -> int:
         return next(size for size in self.buckets if size >= count)
@@ -359,22 +404,47 @@ class CaptionSearch:
         tokens, scores, alphas = (np.concatenate(arrays) for arrays in zip(*parts))
         return Captions(tokens, [self.vocabulary.decode(row) for row in tokens], scores, alphas)
 
+    def _arguments(self, padded, first_index: int):
+        o = self.options
+        return ((self.model, self.variables, padded, np.uint32(first_index), np.uint32(o.seed),
+                 np.float32(o.temperature), np.int32(o.top_k), np.int32(o.min_length),
+                 np.float32(o.length_penalty)),
+                dict(sampling=o.temperature > 0, beam_size=o.beam_size,
+                     max_length=o.max_length, no_repeat_ngram=o.no_repeat_ngram))
+
+    def compile(self, input_shape: tuple, dtype) -> int:
+        """Compiles the program of every bucket for inputs of one image's ``input_shape``;
+        returns how many were compiled."""
+        for size in self.buckets:
+            if size not in self._compiled:
+                padded = jax.ShapeDtypeStruct((size, *input_shape), dtype, sharding=self._rows)
+                args, static = self._arguments(padded, 0)
+                self._compiled[size] = _search.lower(*args, **static).compile()
+        return len(self.buckets)
+
+    @property
+    def compiled(self) -> int:
+        """How many programs this search holds (``compile``)."""
+        return len(self._compiled)
+
+    def with_options(self, options: SearchOptions) -> "CaptionSearch":
+        """This search with other values of the options that are program arguments: the
+        same programs, compiled or not, and the same variables."""
+        if options.program != self.options.program:
+            raise ValueError(f"{options} needs another program than {self.options}")
+        other = copy.copy(self)
+        other.options = options
+        return other
+
     def _chunk(self, inputs: np.ndarray, first_index: int):
         count, size = len(inputs), self.bucket(len(inputs))
         # Padded with copies of the first image, not blank ones: the search stops when
         # every row has ended, and a blank image's caption may run to max_length.
         padded = np.concatenate([inputs, np.repeat(inputs[:1], size - count, axis=0)])
         padded = jax.device_put(padded, self._rows)
-        o = self.options
-        args = (self.model, self.variables, padded)
-        if o.temperature > 0:
-            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(o.seed), i))(
-                jnp.arange(first_index, first_index + size))
-            out = sample(*args, jax.device_put(keys, self._rows), o.max_length, o.temperature,
-                         o.top_k, o.min_length, o.no_repeat_ngram)
-        elif o.beam_size == 1:
-            out = greedy(*args, o.max_length, o.min_length, o.no_repeat_ngram)
+        args, static = self._arguments(padded, first_index)
+        if size in self._compiled:
+            out = self._compiled[size](*args[1:])  # the model is part of the program
         else:
-            out = beam_search(*args, o.beam_size, o.max_length, o.min_length, o.length_penalty,
-                              o.no_repeat_ngram)
+            out = _search(*args, **static)
         return tuple(np.asarray(x)[:count] for x in out)
