@@ -222,6 +222,13 @@ def _add_serve(subparsers) -> None:
                         help="images waiting at most; beyond, 503 with Retry-After")
     parser.add_argument("--timeout-s", type=float, default=30,
                         help="a request not answered in this time gets 504")
+    parser.add_argument("--max-pixels", type=int, default=40_000_000,
+                        help="an image decoding to more pixels gets an error, undecoded "
+                             "(read from its header)")
+    parser.add_argument("--max-decode-mb", type=float, default=1024,
+                        help="memory held by images being decoded at once, over all requests")
+    parser.add_argument("--cached-searches", type=int, default=16,
+                        help="option sets besides the default whose compiled programs are kept")
     _add_search_options(parser)
     parser.set_defaults(module="jaxcap.serve")
 

@@ -4,6 +4,7 @@ error path, bounded concurrency and memory, and the page in a headless browser."
 import asyncio
 import collections
 import contextlib
+import itertools
 import os
 import shutil
 import socket
@@ -22,11 +23,13 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from jaxcap import cli  # noqa: E402
+from jaxcap import cli, decode  # noqa: E402
 from jaxcap.data.images import load_image  # noqa: E402
-from jaxcap.decode import CaptionSearch, SearchOptions, beam_search  # noqa: E402
+from jaxcap.decode import CaptionSearch, SearchOptions  # noqa: E402
 from jaxcap.runs import load_run  # noqa: E402
 from jaxcap.serve import DynamicBatcher, Limits, create_app  # noqa: E402
+from jaxcap.serve.limits import DecodeBudget  # noqa: E402
+from tests.image_fixtures import bomb_png  # noqa: E402
 
 DEFAULTS = SearchOptions(beam_size=3, max_length=12)
 
@@ -265,6 +268,9 @@ def test_limits_are_answered_without_disturbing_the_service(run, photos):
      "--max-wait-ms (30000) must be below --timeout-s (30 s)"),
     (["--max-images", "64", "--queue-images", "16"],
      "--queue-images (16) must be at least --max-images (64)"),
+    (["--max-pixels", "0"], "--max-pixels must be at least 1, got 0"),
+    (["--max-decode-mb", "100"],
+     "--max-decode-mb (100) must hold one image of --max-pixels (40000000): 916 MB"),
 ])
 def test_limits_out_of_range_are_refused_before_the_run_loads(tmp_path, capsys, flags, message):
     # The run directory is not there either: the flags are checked first.
@@ -290,12 +296,16 @@ def test_ready_only_after_the_default_search_is_compiled_and_defaults_never_comp
         while httpx.get(f"{url}/readyz").status_code != 200:
             assert time.time() < deadline
             time.sleep(0.05)
-        compiled = beam_search._cache_size()
+        compiled = httpx.get(f"{url}/v1/model").json()["batching"]["compiled_programs"]
+        assert compiled == 2  # buckets 4 and 8, held by the server, not in jit's caches
+        jitted = decode._search._cache_size()
         for count in (1, 3, 4, 5, 8):
             response = httpx.post(f"{url}/v1/captions", files=_files((photos * 2)[:count]),
                                   timeout=60)
             assert response.status_code == 200
-        assert beam_search._cache_size() == compiled  # every bucket was compiled at start
+        model = httpx.get(f"{url}/v1/model").json()["batching"]
+        assert model["compiled_programs"] == compiled  # every bucket was compiled at start
+        assert decode._search._cache_size() == jitted
 
 
 def _free_port():
@@ -365,6 +375,253 @@ def test_200_requests_from_32_clients_each_get_their_own_answer(trained_run, run
         log.close()
     lines = (tmp_path / "serve.log").read_text()
     assert lines.count("latency_ms=") == 64 + 200  # one log line per request
+
+
+def _memory_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads peak RSS of /proc")
+def test_a_decompression_bomb_gets_its_error_without_being_decoded(run, photos):
+    """A PNG of about 100 KB that decodes to 100 Mpx (100 MB as gray, 300 MB as RGB) is
+    refused from its header, naming it, while the request's other image is captioned; the
+    server's (this process's) resident memory rises by less than 64 MB meanwhile."""
+    bomb = bomb_png()
+    assert len(bomb) < 500_000
+    with serving(create_app(run, DEFAULTS, max_batch=8)) as url:
+        assert httpx.post(f"{url}/v1/captions", files=_files(photos[:1]),
+                          timeout=60).status_code == 200  # first-use allocations
+        Path("/proc/self/clear_refs").write_text("5")  # the peak is now the current size
+        before = _memory_kib("VmRSS")
+        response = httpx.post(f"{url}/v1/captions", files=_files([("bomb.png", bomb),
+                                                                  photos[0]]), timeout=60)
+        peak = _memory_kib("VmHWM")
+    assert response.status_code == 200
+    refused, captioned = response.json()["results"]
+    assert refused["error"].startswith("bomb.png: decodes to 10000 x 10000 pixels")
+    assert "over the limit of 40.0 Mpx" in refused["error"]
+    _check([captioned], _expected(run, photos[:1]))
+    assert peak - before < 64 * 1024, (before, peak)
+
+
+def test_the_decode_budget_bounds_the_bytes_decoded_at_once():
+    async def crowd():
+        budget, held, most = DecodeBudget(100), [0], [0]
+
+        async def decode(share):
+            async with budget.hold(share):
+                held[0] += share
+                most[0] = max(most[0], held[0])
+                await asyncio.sleep(0.01)
+                held[0] -= share
+        await asyncio.gather(*(decode(share) for share in (40, 40, 40, 30, 70, 10, 100)))
+        return most[0], budget.used
+    most, left = asyncio.run(crowd())
+    assert most <= 100 and left == 0
+
+
+def test_bad_requests_get_a_status_that_names_what_is_wrong_never_500(run, photos):
+    small = min(photos, key=lambda p: len(p[1]))
+    limits = Limits(max_body_bytes=200_000)
+    with serving(create_app(run, DEFAULTS, max_batch=8, limits=limits)) as url:
+        post = lambda **kw: httpx.post(f"{url}/v1/captions", timeout=60, **kw)  # noqa: E731
+        # Every option out of its range is named; those that failed while tracing had
+        # answered 500 (an n-gram longer than the caption, a top-k over the vocabulary).
+        vocabulary = len(run.vocabulary)
+        for fields, message in [
+                ({"no_repeat_ngram": "30"}, "no_repeat_ngram=30: must be between 0 and 4"),
+                ({"max_length": "4", "no_repeat_ngram": "4"},
+                 "no_repeat_ngram=4: must be between 0 and 3"),
+                ({"top_k": str(vocabulary + 1)},
+                 f"top_k={vocabulary + 1}: must be between 0 and {vocabulary}"),
+                ({"min_length": "11"}, "min_length=11: must be between 0 and 10"),
+                ({"seed": str(2 ** 40)}, f"seed={2 ** 40}: must be between 0 and {2 ** 32 - 1}"),
+                ({"seed": "-1"}, "seed=-1: must be between 0"),
+                ({"temperature": "nan"}, "temperature=nan: must be between 0.0 and 100.0"),
+                ({"length_penalty": "1e400"}, "length_penalty=inf: must be between -10.0"),
+                ({"beam": "two"}, "beam='two': must be an integer")]:
+            response = post(files=_files([small]), data=fields)
+            assert response.status_code == 422, fields
+            assert message in response.json()["detail"], (fields, response.json())
+
+        # A body streamed without Content-Length over the limit: 413 (it had been 500).
+        def chunks():
+            for _ in range(40):
+                yield b"\0" * 10_000
+        streamed = post(content=chunks(), headers={"content-type": "image/png"})
+        assert streamed.status_code == 413 and "over the limit" in streamed.json()["detail"]
+
+        # An empty first file is that file's error, not the request's.
+        response = post(files=_files([("empty.png", b""), small]))
+        assert response.status_code == 200
+        empty, captioned = response.json()["results"]
+        assert empty["error"] == "empty.png: empty file (0 bytes)"
+        _check([captioned], _expected(run, [small]))
+        assert post(content=b"", headers={"content-type": "image/png"}).status_code == 422
+
+        # What is served names the run, not where it lies on the server's disk.
+        model = httpx.get(f"{url}/v1/model").json()
+        assert model["run"] == run.workdir.name and str(run.workdir.parent) not in str(model)
+
+
+@pytest.mark.parametrize("part", ["warm_up", "run_forever", "compile_forever"])
+def test_a_service_whose_decoding_dies_turns_not_ready_and_stops(run, photos, monkeypatch,
+                                                                  part):
+    """If the decode loop, the compiling loop or the warm-up ends with an error, requests
+    would wait for a worker that is gone: /readyz says so, requests get 503, and the server
+    is told to stop (``jaxcap serve`` then exits non-zero, below)."""
+    async def dies(self, *args):
+        await asyncio.sleep(0.2)
+        raise RuntimeError(f"{part} broke")
+
+    monkeypatch.setattr(DynamicBatcher, part, dies)
+    stopped = threading.Event()
+    with serving(create_app(run, DEFAULTS, max_batch=8, on_failure=stopped.set),
+                 wait_ready=False) as url:
+        assert stopped.wait(60)
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
+        assert f"{part} broke" in ready.json()["reason"]
+        response = httpx.post(f"{url}/v1/captions", files=_files(photos[:1]), timeout=60)
+        assert response.status_code == 503 and "stopped" in response.json()["detail"]
+
+
+def test_jaxcap_serve_exits_non_zero_when_its_decoding_dies(trained_run, monkeypatch, capsys):
+    async def dies(self, *args):
+        raise RuntimeError("the decoder broke")
+
+    monkeypatch.setattr(DynamicBatcher, "run_forever", dies)
+    assert cli.main(["serve", "--workdir", str(trained_run), "--port", str(_free_port()),
+                     "--max-batch", "4"]) == 2
+    assert "the decode loop failed: RuntimeError: the decoder broke" in capsys.readouterr().err
+
+
+def test_a_client_looping_over_option_values_neither_grows_the_programs_nor_slows_defaults(
+        run, photos):
+    """50 distinct option values, 10 of them needing programs of their own (beam size and
+    maximum length set a program's shapes): the server holds at most the stated bound of
+    programs throughout (none in jit's caches), every request is answered, and default
+    requests sent meanwhile keep their median latency within 2x (programs compile in a
+    thread of their own, at the lowest priority)."""
+    small = min(photos, key=lambda p: len(p[1]))
+    varied = ([{"beam": str(beam), "max_length": str(length)}
+               for beam, length in itertools.product((2, 4), (6, 8, 10, 14, 16))] +
+              [{"min_length": str(n)} for n in range(10)] + [{"top_k": str(k)} for k in range(10)] +
+              [{"temperature": str(0.5 + t / 10), "seed": str(t)} for t in range(10)] +
+              [{"length_penalty": str(p / 4), "no_repeat_ngram": "0"} for p in range(10)])
+    assert len(varied) == 50 and len({str(sorted(v.items())) for v in varied}) == 50
+    with serving(create_app(run, DEFAULTS, max_batch=4, limits=Limits(cached_searches=2))) as url:
+        def model():
+            return httpx.get(f"{url}/v1/model").json()["batching"]
+
+        def default_latency():
+            started = time.perf_counter()
+            response = httpx.post(f"{url}/v1/captions", files=_files([small]), timeout=60)
+            assert response.status_code == 200
+            return time.perf_counter() - started
+
+        bound = model()["programs_bound"]
+        assert bound == 3 and model()["compiled_programs"] == 1  # 1 bucket: 4 images, 4 devices
+        jitted = decode._search._cache_size()
+        before = [default_latency() for _ in range(15)]
+        held, answers = [], []
+
+        def loop_over_values():
+            for fields in varied:
+                answers.append(httpx.post(f"{url}/v1/captions", files=_files([small]),
+                                          data=fields, timeout=60).status_code)
+                held.append(model()["compiled_programs"])
+
+        client = threading.Thread(target=loop_over_values)
+        client.start()
+        during = []
+        while client.is_alive():
+            during.append(default_latency())
+        client.join()
+        assert answers == [200] * 50
+        assert max(held) <= bound and decode._search._cache_size() <= jitted
+        assert len(during) >= 5 and np.median(during) <= 2 * np.median(before), (before, during)
+
+
+# The fuzz's size in the suite; JAXCAP_FUZZ_EXAMPLES sets a longer run.
+FUZZ_EXAMPLES = int(os.environ.get("JAXCAP_FUZZ_EXAMPLES", "60"))
+
+
+def test_fuzzing_the_live_api_finds_no_500_and_good_requests_keep_their_captions(run, photos):
+    """Hypothesis drives a real HTTP client against uvicorn on loopback with requests
+    made of hostile parts: search options of every type and range, files that are photos,
+    truncated or bit-flipped photos, garbage, empty, decompression bombs and PNG headers
+    claiming billions of pixels, as multipart forms or raw bodies. No answer is a 500,
+    /healthz answers throughout (polled from another thread), and a good request after
+    each one gets the caption ``CaptionSearch`` gives."""
+    hypothesis = pytest.importorskip("hypothesis", reason="the fuzz is written with Hypothesis")
+    st = hypothesis.strategies
+    from tests.image_fixtures import png_bytes
+
+    small = min(photos, key=lambda p: len(p[1]))
+    photo = small[1]
+    kinds = [photo, photo[:len(photo) // 3], b"", b"GIF89a" + bytes(20), bomb_png(8000, 6000),
+             png_bytes(100_000, 100_000, 8, 0, b""), png_bytes(2, 2, 16, 2, bytes(26))]
+    flipped = st.lists(st.tuples(st.integers(0, len(photo) - 1), st.integers(1, 255)),
+                       min_size=1, max_size=8).map(lambda flips: bytes(
+                           b ^ dict(flips).get(i, 0) for i, b in enumerate(photo)))
+    data = st.one_of(st.sampled_from(kinds), flipped, st.binary(max_size=300))
+    files = st.lists(st.tuples(st.text(max_size=12), data), max_size=4)
+    near = st.integers(-2, 16).map(str)  # mostly in range: the search runs with them
+    value = st.one_of(near, near, near, st.integers(-2 ** 64, 2 ** 64).map(str),
+                      st.floats().map(repr), st.text(max_size=8),
+                      st.sampled_from(["", "nan", "-inf", "1e309", "0x10", "3.0", " 2 "]))
+    fields = st.dictionaries(st.sampled_from(["beam", "max_length", "min_length", "top_k",
+                                              "no_repeat_ngram", "temperature", "seed",
+                                              "length_penalty", "attention", "name", "other"]),
+                             value, max_size=5)
+    good = _expected(run, [small])
+    limits = Limits(max_beam=4, max_length=14, cached_searches=4, timeout_s=60)
+    with serving(create_app(run, DEFAULTS, max_batch=4, limits=limits)) as url, \
+            httpx.Client(base_url=url, timeout=120) as client:
+        unhealthy, done = [], threading.Event()
+
+        def poll_health():
+            with httpx.Client(base_url=url, timeout=10) as poller:
+                while not done.wait(0.2):
+                    try:
+                        if poller.get("/healthz").status_code != 200:
+                            unhealthy.append("status")
+                    except httpx.HTTPError as error:
+                        unhealthy.append(repr(error))
+
+        poller = threading.Thread(target=poll_health)
+        poller.start()
+        statuses = collections.Counter()
+
+        @hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                             derandomize=True, suppress_health_check=list(hypothesis.HealthCheck))
+        @hypothesis.given(files=files, fields=fields, raw=st.booleans())
+        def hostile(files, fields, raw):
+            if raw:
+                response = client.post("/v1/captions", params=fields,
+                                       content=files[0][1] if files else b"",
+                                       headers={"content-type": "image/png"})
+            else:
+                response = client.post("/v1/captions", data=fields,
+                                       files=[("images", f) for f in files] or None)
+            statuses[response.status_code] += 1
+            assert response.status_code in (200, 413, 422, 503, 504), response.text
+            assert isinstance(response.json(), dict)
+            answer = client.post("/v1/captions", files=_files([small]))
+            assert answer.status_code == 200
+            _check(answer.json()["results"], good)
+
+        try:
+            hostile()
+        finally:
+            done.set()
+            poller.join()
+        assert not unhealthy, unhealthy
+        assert statuses[200] and statuses[422], statuses  # both kinds of answer were reached
+        print(f"fuzz: {FUZZ_EXAMPLES} examples, statuses {dict(statuses)}")
 
 
 @contextlib.contextmanager
