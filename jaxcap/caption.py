@@ -25,7 +25,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from jaxcap.decode import CaptionSearch, SearchOptions
-from jaxcap.extract import list_images, load_or_reason
+from jaxcap.data.images import load_or_reason
+from jaxcap.errors import UserError
+from jaxcap.extract import list_images
 from jaxcap.runs import load_run
 
 PANEL = 224  # pixels per panel side in attention figures
@@ -33,7 +35,7 @@ LABEL = 20  # pixels under each panel for its word
 COLUMNS = 5
 
 
-class CaptionError(Exception):
+class CaptionError(UserError):
     """Arguments that cannot be used; the message says what to do."""
 
 

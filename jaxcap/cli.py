@@ -302,21 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     if args.command in COMPUTE_COMMANDS:
         keep_freed_memory()
-    from jaxcap.caption import CaptionError
-    from jaxcap.checkpoints import CheckpointError
-    from jaxcap.configs import ConfigError
-    from jaxcap.data.glove import GloveError
-    from jaxcap.data.readers import DataError
-    from jaxcap.extract import ExtractError
-    from jaxcap.migrate import MigrationError
-    from jaxcap.models.encoder import WeightsError
-    from jaxcap.serve import ServeError
-    from jaxcap.train import TrainingError
+    from jaxcap.errors import UserError
 
     try:
         return importlib.import_module(args.module).main(args)
-    except (WeightsError, ExtractError, DataError, GloveError, ConfigError,
-            TrainingError, CheckpointError, CaptionError, MigrationError, ServeError) as error:
+    except UserError as error:
         print(f"jaxcap {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

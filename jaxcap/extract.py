@@ -35,7 +35,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from jaxcap.data.images import ImageError, load_image
+from jaxcap.data.images import load_or_reason
+from jaxcap.errors import UserError
+from jaxcap.files import write_json_atomic, write_text_atomic
 from jaxcap.models.encoder import build_encoder, load_encoder, weights_identity
 from jaxcap.models.preprocessing import normalize
 from jaxcap.models.resnet import output_channels, output_size
@@ -45,16 +47,12 @@ PARTIAL_FILE = "features.partial.npy"
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-class ExtractError(Exception):
+class ExtractError(UserError):
     """A user mistake in the arguments or the output folder; the message says what to do."""
 
 
 class RetryableError(ExtractError):
     """Some files could not be read for a reason that may pass; rerunning retries them."""
-
-
-# Errors that say something about the file itself, not about the moment it was read.
-_PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 def list_images(images: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -99,36 +97,6 @@ def make_feature_fn(module, variables, style: str, out_dtype, devices):
         return features(variables, jax.device_put(images, batch_sharding))
 
     return run
-
-
-def load_or_reason(source, image_size: int, resize: str):
-    """``(pixels, None, False)``; or ``(None, why, retryable)`` for a file that could not
-    be used: ``retryable`` is False when the file is not a usable image (it is skipped),
-    True when reading failed for a reason that may pass (it is read again on a rerun).
-
-    ``source``: a path, or a function returning the file's bytes (a dataset record).
-    """
-    try:
-        return load_image(source() if callable(source) else source, image_size, resize), None, False
-    except FileNotFoundError:
-        return None, "no such file", False
-    except ImageError as error:
-        return None, str(error), False
-    except _PERMANENT_OS_ERRORS as error:
-        return None, error.strerror or str(error), False
-    except OSError as error:  # EIO, EACCES, ESTALE, ENOTCONN, ...: may pass
-        return None, error.strerror or str(error), True
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replaces ``path`` whole: a reader (or a killed run) sees the old file or the new."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf8")
-    os.replace(partial, path)
-
-
-def write_json_atomic(path: Path, record) -> None:
-    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
 def _tsv(items) -> str:

@@ -14,6 +14,7 @@ import pytest
 
 from jaxcap import cli, extract as extract_module
 from jaxcap.convert import init_weights
+from jaxcap.data import images as images_module
 from jaxcap.data.images import load_image
 from jaxcap.extract import extract
 from jaxcap.models.encoder import build_encoder, load_encoder
@@ -218,7 +219,7 @@ def test_io_errors_are_retried_by_the_next_run_not_skipped(tmp_path, resnet18_we
             raise failing[Path(path).name]
         return load_image(path, *args, **kwargs)
 
-    monkeypatch.setattr(extract_module, "load_image", flaky_load)
+    monkeypatch.setattr(images_module, "load_image", flaky_load)
     out = tmp_path / "flaky"
     assert cli.main(args + ["--out", str(out)]) == 2
     err = capsys.readouterr().err

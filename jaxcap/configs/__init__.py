@@ -16,10 +16,12 @@ from pathlib import Path
 
 import ml_collections
 
+from jaxcap.errors import UserError
+
 BUILT_IN = ("shapes", "flickr8k", "coco", "tiny")
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A config that cannot be loaded or overridden; the message says which key."""
 
 

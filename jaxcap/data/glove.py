@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from jaxcap.data.text import PAD_ID, SPECIAL_TOKENS, Vocabulary
+from jaxcap.errors import UserError
 
 
-class GloveError(Exception):
+class GloveError(UserError):
     """A GloVe source that cannot be read; names the file and line."""
 
 

@@ -152,3 +152,27 @@ def _resize(image: Image.Image, size: int, resize: str) -> np.ndarray:
     else:
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
+
+
+# Errors that say something about the file itself, not about the moment it was read.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def load_or_reason(source, image_size: int, resize: str, max_pixels: int | None = None):
+    """``(pixels, None, False)``; or ``(None, why, retryable)`` for a file that could not
+    be used: ``retryable`` is False when the file is not a usable image (it is skipped),
+    True when reading failed for a reason that may pass (it is read again on a rerun).
+
+    ``source``: a path, or a function returning the file's bytes (a dataset record).
+    """
+    try:
+        return load_image(source() if callable(source) else source, image_size, resize,
+                          max_pixels), None, False
+    except FileNotFoundError:
+        return None, "no such file", False
+    except ImageError as error:
+        return None, str(error), False
+    except _PERMANENT_OS_ERRORS as error:
+        return None, error.strerror or str(error), False
+    except OSError as error:  # EIO, EACCES, ESTALE, ENOTCONN, ...: may pass
+        return None, error.strerror or str(error), True

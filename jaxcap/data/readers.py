@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxcap.errors import UserError
+
 SPLITS = ("train", "val", "test")
 OFFICIAL_TOKEN_FILE = "Flickr8k.token.txt"
 OFFICIAL_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
@@ -60,7 +62,7 @@ KARPATHY_IMAGE_DIRS = {"flickr8k": OFFICIAL_IMAGE_DIRS + (KAGGLE_IMAGE_DIR,),
 LAYOUTS = ("official", "kaggle", "karpathy")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A mistake in a user's data; the message names the file and line."""
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxcap.files import write_text_atomic
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = range(4)
@@ -100,10 +102,7 @@ class Vocabulary:
                     tokens=self.tokens, counts=self.counts)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(self.to_json(), ensure_ascii=False) + "\n", encoding="utf8")
-        os.replace(partial, path)
+        write_text_atomic(path, json.dumps(self.to_json(), ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":

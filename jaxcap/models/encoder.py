@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from jaxcap.errors import UserError
 from jaxcap.models import ENCODERS
 from jaxcap.models.preprocessing import STYLES
 
@@ -34,7 +35,7 @@ VARIABLES_DIR = "variables"
 FORMAT_VERSION = 1
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     """A weights directory or weights file that cannot be used; the message says why."""
 
 

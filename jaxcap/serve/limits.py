@@ -18,9 +18,10 @@ import dataclasses
 
 from jaxcap.data.images import DECODE_BYTES_PER_PIXEL
 from jaxcap.decode import MAX_SEED, SearchOptions
+from jaxcap.errors import UserError
 
 
-class ServeError(Exception):
+class ServeError(UserError):
     """The service cannot start as asked; the message says what to do."""
 
 
