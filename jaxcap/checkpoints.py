@@ -15,19 +15,16 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxcap import __version__, distributed
-from jaxcap.extract import write_text_atomic
-
-if TYPE_CHECKING:
-    from jaxcap.train import TrainState
+from jaxcap.errors import UserError
+from jaxcap.files import write_text_atomic
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A run's checkpoints cannot be used as they are; the message says why and what to do."""
 
 
@@ -129,7 +126,7 @@ class Checkpoints:
             manager.delete(step)
 
     @staticmethod
-    def _check_processes(state: TrainState) -> None:
+    def _check_processes(state) -> None:
         """Several processes save one state: first they check that they hold the same."""
         if jax.process_count() == 1:
             return
@@ -141,20 +138,20 @@ class Checkpoints:
         print(f"process {jax.process_index()}: the state of step {step} is {held[:16]} on all "
               f"{jax.process_count()} processes", file=sys.stderr)
 
-    def save(self, state: TrainState, progress: dict) -> None:
+    def save(self, state, progress: dict) -> None:
         step = int(state.step)
         self._check_processes(state)
         self._replace(self.latest, step)
         self.latest.save(step, args=self._args(state, progress), force=True)
 
-    def save_best(self, state: TrainState, progress: dict, score: float) -> None:
+    def save_best(self, state, progress: dict, score: float) -> None:
         step = int(state.step)
         self._check_processes(state)
         self._replace(self.best, step)
         self.best.save(step, args=self._args(state, progress), force=True,
                        metrics={self.metric: score})
 
-    def restore_latest(self, abstract: TrainState):
+    def restore_latest(self, abstract):
         """The newest readable checkpoint, or None when the run has none yet.
 
         Failures are told apart, and none loses the run:
@@ -177,7 +174,7 @@ class Checkpoints:
             raise self._none_readable(aside)
         for step in steps:
             try:
-                self._check_layout(self.latest, step, abstract)
+                self._check_layout(self.latest, step, abstract.params)
                 restored = self.latest.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
                 return restored["state"], restored["progress"]
@@ -205,7 +202,7 @@ class Checkpoints:
             f"warnings above say why). The run is not restarted from step 0 over its history; "
             f"to start afresh on purpose, use a new --workdir.")
 
-    def _check_layout(self, manager, step: int, abstract: TrainState) -> None:
+    def _check_layout(self, manager, step: int, abstract_params) -> None:
         """Raises a ``CheckpointError`` naming the differing parameters when the checkpoint's
         tree does not fit the model, or when a stopped ``jaxcap migrate`` left it between
         two copies; unreadable metadata raises what reading raised."""
@@ -215,7 +212,7 @@ class Checkpoints:
                 f"checkpoint {step} of {self.workdir} is in the middle of a migration that was "
                 f"stopped; nothing was changed. Run 'jaxcap migrate {self.workdir}' to finish it.")
         saved = saved_layout(step_dir)
-        expected = param_layout(abstract.params)
+        expected = param_layout(abstract_params)
         if saved == expected:
             return
         differences = [f"{path}: {saved.get(path, 'absent')} in the checkpoint, "
@@ -231,12 +228,26 @@ class Checkpoints:
             f"{self.workdir}' carries the run over; otherwise resume with the jaxcap version "
             f"and config that wrote it, or train into a new --workdir.")
 
-    def restore_best(self, abstract: TrainState) -> TrainState:
+    def restore_best(self, abstract):
+        """The best checkpoint's whole train state (``abstract``: its shapes)."""
         self.best.wait_until_finished()
         step = self.best.best_step()
-        self._check_layout(self.best, step, abstract)
+        self._check_layout(self.best, step, abstract.params)
         return self.best.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))["state"]
+
+    def restore_best_variables(self, abstract: dict) -> tuple[dict, int]:
+        """The best checkpoint's ``params`` and ``batch_stats`` (``abstract``: their shapes)
+        and its step: what inference needs, without the optimizer's state (twice the
+        parameters again)."""
+        self.best.wait_until_finished()
+        step = self.best.best_step()
+        self._check_layout(self.best, step, abstract["params"])
+        item = {**abstract, "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}
+        restored = self.best.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=item, partial_restore=True)))["state"]
+        return ({"params": restored["params"], "batch_stats": restored["batch_stats"]},
+                int(restored["step"]))
 
     def close(self) -> None:
         self.latest.wait_until_finished()

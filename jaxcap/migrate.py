@@ -30,11 +30,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from jaxcap import __version__
-from jaxcap.runs import abstract_state, read_run
+from jaxcap.errors import UserError
+from jaxcap.models.encoder import load_encoder
+from jaxcap.runs import abstract_variables, build_model, read_run
 from jaxcap.checkpoints import (MIGRATION_COPIES, param_layout, read_run_info, saved_layout,
                                 write_run_info)
 
@@ -44,7 +47,7 @@ from jaxcap.checkpoints import (MIGRATION_COPIES, param_layout, read_run_info, s
 RENAMES: dict[str, list[tuple[str, str]]] = {}
 
 
-class MigrationError(Exception):
+class MigrationError(UserError):
     """The run cannot be carried over by renames; the message says what differs."""
 
 
@@ -71,32 +74,40 @@ def rename_path(path: str, renames) -> str:
 
 
 def renamed_tree(tree, mapping: dict[str, str], paths: set[str]):
-    """``tree`` with every nested dict whose ``/``-joined leaf paths are ``paths`` (the
-    parameters, and Adam's moments that mirror them) re-keyed by ``mapping``; other nodes
-    (tuples, named tuples, flax structs, leaves) keep their kind."""
+    """``tree`` with every nested dict whose ``/``-joined leaf paths are among ``paths``
+    (the parameters, and Adam's moments that mirror them, where a frozen part may be left
+    out) re-keyed by ``mapping``; lists and leaves keep their kind."""
     if isinstance(tree, dict):
         flat = traverse_util.flatten_dict(tree, sep="/")
-        if set(flat) == paths:
+        if flat and set(flat) <= paths:
             return traverse_util.unflatten_dict({mapping.get(k, k): v for k, v in flat.items()},
                                                 sep="/")
         return {key: renamed_tree(value, mapping, paths) for key, value in tree.items()}
-    if hasattr(tree, "replace") and hasattr(tree, "__dataclass_fields__"):  # TrainState
-        return tree.replace(**{name: renamed_tree(getattr(tree, name), mapping, paths)
-                               for name in tree.__dataclass_fields__})
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # optax states
-        return type(tree)(*(renamed_tree(item, mapping, paths) for item in tree))
     if isinstance(tree, (tuple, list)):
         return type(tree)(renamed_tree(item, mapping, paths) for item in tree)
     return tree
 
 
-def rename_state(state, mapping: dict[str, str]):
-    """A ``TrainState`` (or its abstract) with paths renamed by ``mapping`` (old -> new) in
-    the parameters, the optimizer's moments and ``batch_stats``."""
-    params = set(traverse_util.flatten_dict(state.params, sep="/"))
-    stats = set(traverse_util.flatten_dict(state.batch_stats, sep="/"))
-    state = renamed_tree(state, mapping, params)
-    return state.replace(batch_stats=renamed_tree(state.batch_stats, mapping, stats))
+def rename_saved(state: dict, mapping: dict[str, str]) -> dict:
+    """A checkpoint's state as saved (nested dicts and lists: the train state's fields, the
+    optimizer's states) with paths renamed by ``mapping`` (old -> new) in the parameters,
+    the optimizer's moments and ``batch_stats``."""
+    params = set(traverse_util.flatten_dict(state["params"], sep="/"))
+    stats = set(traverse_util.flatten_dict(state["batch_stats"], sep="/"))
+    renamed = renamed_tree({k: v for k, v in state.items() if k != "batch_stats"}, mapping,
+                           params)
+    return {**renamed, "batch_stats": renamed_tree(state["batch_stats"], mapping, stats)}
+
+
+def saved_state_shapes(step_dir: Path) -> dict:
+    """A checkpoint's state as saved, as shapes: what restores it without the train state
+    (and so without the trainer and its optimizer)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        tree = handler.metadata(step_dir / "state").tree
+    finally:
+        handler.close()
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), tree)
 
 
 def _plan(saved: dict, expected: dict, renames, where: str) -> dict[str, str]:
@@ -155,7 +166,9 @@ def migrate(workdir, renames=(), dry_run: bool = False, log=print) -> int:
     how many checkpoints were rewritten (or would be, with ``dry_run``)."""
     workdir, config, vocabulary = read_run(workdir)
     finish_swaps(workdir, log)
-    _, abstract, _, _ = abstract_state(workdir, config, vocabulary)
+    metadata, encoder_variables = load_encoder(workdir / "encoder")
+    abstract = abstract_variables(build_model(config, vocabulary, metadata), config,
+                                  encoder_variables)
     written_by = _version(read_run_info(workdir).get("jaxcap_version", "0.1.0"))
     renames = [rename for version, table in sorted(RENAMES.items(), key=lambda v: _version(v[0]))
                if _version(version) > written_by for rename in table] + list(renames)
@@ -164,8 +177,7 @@ def migrate(workdir, renames=(), dry_run: bool = False, log=print) -> int:
     for step_dir in _step_dirs(workdir):
         where = f"{step_dir.parent.name}/{step_dir.name}"
         mapping = {}
-        for collection, tree in (("params", abstract.params),
-                                 ("batch_stats", abstract.batch_stats)):
+        for collection, tree in abstract.items():
             saved = saved_layout(step_dir, collection)
             mapping.update(_plan(saved, param_layout(tree), renames, f"{where} {collection}"))
         if mapping:
@@ -182,10 +194,9 @@ def migrate(workdir, renames=(), dry_run: bool = False, log=print) -> int:
     backup = workdir / f"before-migration-{int(time.time())}"
     for step_dir, mapping in plans.items():
         shutil.copytree(step_dir, backup / step_dir.parent.name / step_dir.name)
-        inverse = {new: old for old, new in mapping.items()}
         with ocp.StandardCheckpointer() as checkpointer:
-            old_state = checkpointer.restore(step_dir / "state", rename_state(abstract, inverse))
-            checkpointer.save(step_dir / STAGED, rename_state(old_state, mapping), force=True)
+            saved = checkpointer.restore(step_dir / "state", saved_state_shapes(step_dir))
+            checkpointer.save(step_dir / STAGED, rename_saved(saved, mapping), force=True)
         # The step's other items (the loop's progress, the best checkpoint's metrics) are
         # untouched; the state item is swapped for its renamed copy, never deleted first.
         swap_in(step_dir)
@@ -193,7 +204,7 @@ def migrate(workdir, renames=(), dry_run: bool = False, log=print) -> int:
     migrations = read_run_info(workdir).get("migrations", []) + [
         {"by": __version__, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "renames": renames,
          "originals": backup.name}]
-    write_run_info(workdir, abstract.params, migrations=migrations)
+    write_run_info(workdir, abstract["params"], migrations=migrations)
     log(f"migrated {len(plans)} checkpoints of {workdir}; the originals are in {backup}")
     return len(plans)
 

@@ -1,26 +1,88 @@
-"""A run directory read back for captioning and evaluation.
+"""A run directory read back, for everything that comes after training.
 
-Everything comes from ``RUN_DIR`` (see ``jaxcap.train``): ``config.json`` (the
-model and how its images were prepared), ``vocabulary.json``, ``encoder/``
-(the ResNet weights and the preprocessing they expect) and ``best/`` (the
-checkpoint with the best validation BLEU-4).
+Training (``jaxcap.train``) writes ``RUN_DIR``: ``config.json`` (the model and
+how its images were prepared), ``vocabulary.json``, ``encoder/`` (the ResNet
+weights and the preprocessing they expect) and its checkpoints, ``best/`` among
+them (the best by the validation score). ``caption``, ``evaluate``, ``serve``
+and ``migrate`` read it through this module, which knows nothing of training:
+``load_run`` restores what captioning needs (the parameters and the batch
+statistics of the best checkpoint), never the optimizer's state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jaxcap.checkpoints import Checkpoints
 from jaxcap.data.text import Vocabulary
-from jaxcap.models.captioner import Captioner
+from jaxcap.errors import UserError
+from jaxcap.models.captioner import Captioner, build_captioner
 from jaxcap.models.encoder import load_encoder
-from jaxcap.train import (TrainingError, init_state, learning_rate_schedule,
-                          make_model, make_optimizer, read_saved_config, selection_metric)
+
+
+class RunError(UserError):
+    """A run directory that cannot be read as asked; the message says why and what to do."""
+
+
+# Settings added to jaxcap since runs began, with the value a run started before them had:
+# a resumed or loaded run keeps computing as it was trained.
+# (A run started before SCST was part of the shapes default trained by cross-entropy only,
+# and picked its best checkpoint by BLEU-4.)
+AS_BEFORE = {"encoder.batchnorm": "frozen", "scst.from_epoch": -1}
+
+
+def lookup(tree, dotted: str):
+    """``tree[a][b]`` for ``dotted`` "a.b", or None where a part is missing."""
+    node = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def assign(tree, dotted: str, value) -> None:
+    """``tree[a][b] = value`` for ``dotted`` "a.b" (a dict or a ConfigDict); sections a
+    saved config (a dict) lacks are added."""
+    *sections, name = dotted.split(".")
+    for section in sections:
+        if isinstance(tree, dict) and section not in tree:
+            tree[section] = {}
+        tree = tree[section]
+    tree[name] = value
+
+
+def settings_as_started(saved: dict) -> dict:
+    """``{dotted key: value}`` of the ``AS_BEFORE`` settings a run's saved config predates."""
+    return {key: value for key, value in AS_BEFORE.items() if lookup(saved, key) is None}
+
+
+def read_saved_config(workdir: Path) -> dict:
+    """A run's ``config.json``, with the ``AS_BEFORE`` settings it predates filled in."""
+    saved = json.loads((workdir / "config.json").read_text())
+    for key, value in settings_as_started(saved).items():
+        assign(saved, key, value)
+    return saved
+
+
+def first_scst_epoch(config) -> int | None:
+    """The first epoch trained by self-critical training: 0 for ``objective=scst`` (a run
+    continuing ``init_from``), ``scst.from_epoch`` for a cross-entropy run that switches
+    to it, None for a run without it (also a run started before SCST existed)."""
+    if config.get("objective", "cross_entropy") == "scst":
+        return 0
+    from_epoch = config.get("scst", {}).get("from_epoch", -1)
+    return from_epoch if from_epoch >= 0 else None
+
+
+def selection_metric(config) -> tuple[str, str]:
+    """``(key, name)`` of the validation score that picks the best checkpoint, cuts the
+    rate and stops early: BLEU-4, or CIDEr-D when training on it (SCST)."""
+    return ("bleu4", "BLEU-4") if first_scst_epoch(config) is None else ("cider", "CIDEr-D")
 
 
 @dataclasses.dataclass
@@ -46,25 +108,38 @@ def read_run(workdir) -> tuple[Path, ml_collections.ConfigDict, Vocabulary]:
         config = ml_collections.ConfigDict(read_saved_config(workdir))
         vocabulary = Vocabulary.load(workdir / "vocabulary.json")
     except FileNotFoundError as error:
-        raise TrainingError(f"{workdir} is not a jaxcap run directory ({error.filename} is "
-                            "missing); pass the --workdir of 'jaxcap train'") from None
+        raise RunError(f"{workdir} is not a jaxcap run directory ({error.filename} is "
+                       "missing); pass the --workdir of 'jaxcap train'") from None
     return workdir, config, vocabulary
 
 
-def abstract_state(workdir: Path, config, vocabulary: Vocabulary):
-    """``(model, abstract TrainState, encoder metadata, encoder variables)``: what the
-    run's config builds today, as shapes only (what its checkpoints restore into)."""
-    metadata, encoder_variables = load_encoder(workdir / "encoder")
-    model = make_model(config, len(vocabulary), metadata)
-    tx = make_optimizer(config, learning_rate_schedule(config, 1))
-    # The decoder's parameters do not depend on the grid size, only its channels.
-    inputs_shape = ((config.encoder.image_size,) * 2 + (3,) if model.encoder is not None
-                    else (1, 1, model.decoder.feature_dim))
-    embedding = np.zeros((len(vocabulary), config.decoder.embed_dim), np.float32)
-    abstract = jax.eval_shape(lambda: init_state(
-        model, config, inputs_shape, embedding,
-        encoder_variables if model.encoder is not None else None, tx))
-    return model, abstract, metadata, encoder_variables
+def build_model(config, vocabulary: Vocabulary, metadata: dict) -> Captioner:
+    try:
+        return build_captioner(config, len(vocabulary), metadata)
+    except ValueError as error:  # it names the setting
+        raise RunError(f"{error} (in the run's config.json)") from None
+
+
+def _decoder_of(captioner: Captioner, grid, tokens):
+    return captioner.decoder(grid, tokens)
+
+
+def abstract_variables(model: Captioner, config, encoder_variables: dict) -> dict:
+    """The shapes of a run's ``params`` and ``batch_stats`` as its config builds them today
+    (what a checkpoint restores into): the decoder's (they do not depend on the grid's
+    size, only its channels) and, end to end, the encoder's."""
+    grid = jnp.zeros((1, 1, 1, model.decoder.feature_dim), jnp.float32)
+    tokens = jnp.zeros((1, config.text.max_length - 1), jnp.int32)
+    rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)}
+    decoder = jax.eval_shape(lambda: model.init(rngs, grid, tokens, method=_decoder_of))
+    variables = {"params": dict(decoder["params"]),
+                 "batch_stats": dict(decoder.get("batch_stats", {}))}
+    if model.encoder is not None:
+        for collection in variables:
+            variables[collection]["encoder"] = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                encoder_variables[collection])
+    return variables
 
 
 def load_run(workdir, dtype: str | None = None) -> TrainedRun:
@@ -77,24 +152,25 @@ def load_run(workdir, dtype: str | None = None) -> TrainedRun:
     if dtype is not None:
         config.dtype = dtype
     if not (workdir / "best").is_dir() or not any((workdir / "best").iterdir()):
-        raise TrainingError(f"{workdir} has no best checkpoint yet: it is written at the end of "
-                            "the first training epoch")
-    model, abstract, metadata, encoder_variables = abstract_state(workdir, config, vocabulary)
+        raise RunError(f"{workdir} has no best checkpoint yet: it is written at the end of the "
+                       "first training epoch")
+    metadata, encoder_variables = load_encoder(workdir / "encoder")
+    model = build_model(config, vocabulary, metadata)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints, selection_metric(config)[0])
     try:
-        state = checkpoints.restore_best(abstract)
+        variables, step = checkpoints.restore_best_variables(
+            abstract_variables(model, config, encoder_variables))
     finally:
         checkpoints.close()
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
     if model.encoder is not None:
         image_model, image_variables = model, variables
     else:  # put the encoder that made the cached features in front of the decoder
         image_config = ml_collections.ConfigDict(config.to_dict())
         image_config.encoder.mode = "end_to_end"
-        image_model = make_model(image_config, len(vocabulary), metadata)
-        image_variables = {"params": {"decoder": state.params["decoder"],
+        image_model = build_model(image_config, vocabulary, metadata)
+        image_variables = {"params": {"decoder": variables["params"]["decoder"],
                                       "encoder": encoder_variables["params"]},
-                           "batch_stats": {**state.batch_stats,
+                           "batch_stats": {**variables["batch_stats"],
                                            "encoder": encoder_variables["batch_stats"]}}
-    return TrainedRun(workdir, config, vocabulary, int(state.step), model, variables,
-                      image_model, image_variables)
+    return TrainedRun(workdir, config, vocabulary, step, model, variables, image_model,
+                      image_variables)

@@ -11,8 +11,10 @@ from flax import traverse_util
 
 from jaxcap import cli, migrate
 from jaxcap.checkpoints import CheckpointError, Checkpoints, saved_layout
-from jaxcap.migrate import parse_rename, rename_state
-from jaxcap.runs import abstract_state, load_run, read_run
+from jaxcap.migrate import parse_rename, rename_saved, saved_state_shapes
+from jaxcap.models.encoder import load_encoder
+from jaxcap.runs import build_model, load_run, read_run
+from jaxcap.train.state import init_state, learning_rate_schedule, make_optimizer
 
 TINY_CONFIG = "tiny"  # jaxcap/configs/tiny.py
 
@@ -22,19 +24,30 @@ OLD_NAMES = {"decoder/h_projection/": "decoder/hidden_projection/",
 RENAMES = [f"--rename=^{old}={new}" for new, old in OLD_NAMES.items()]  # back to today's
 
 
+def _train_state_shapes(workdir):
+    """The train state a run's checkpoints hold, as shapes (as the trainer builds it)."""
+    workdir, config, vocabulary = read_run(workdir)
+    metadata, encoder_variables = load_encoder(workdir / "encoder")
+    model = build_model(config, vocabulary, metadata)
+    tx = make_optimizer(config, learning_rate_schedule(config, 1))
+    embedding = np.zeros((len(vocabulary), config.decoder.embed_dim), np.float32)
+    side = config.encoder.image_size  # the tiny run trains end to end, on images
+    return config, jax.eval_shape(lambda: init_state(model, config, (side, side, 3), embedding,
+                                                     encoder_variables, tx))
+
+
 def _as_older_release_wrote_it(workdir):
     """Rewrites every checkpoint of ``workdir`` under OLD_NAMES (parameters, Adam's moments)."""
-    _, config, vocabulary = read_run(workdir)
-    _, abstract, _, _ = abstract_state(workdir, config, vocabulary)
-    paths = traverse_util.flatten_dict(abstract.params, sep="/")
+    step_dirs = [p for folder in ("checkpoints", "best") for p in (workdir / folder).iterdir()
+                 if p.name.isdigit()]
+    paths = traverse_util.flatten_dict(saved_state_shapes(step_dirs[0])["params"], sep="/")
     mapping = {path: path.replace(new, old, 1) for path in paths
                for new, old in OLD_NAMES.items() if path.startswith(new)}
-    for step_dir in [*(workdir / "checkpoints").iterdir(), *(workdir / "best").iterdir()]:
-        if step_dir.name.isdigit():
-            with ocp.StandardCheckpointer() as checkpointer:
-                state = checkpointer.restore(step_dir / "state", abstract)
-                shutil.rmtree(step_dir / "state")
-                checkpointer.save(step_dir / "state", rename_state(state, mapping))
+    for step_dir in step_dirs:
+        with ocp.StandardCheckpointer() as checkpointer:
+            state = checkpointer.restore(step_dir / "state", saved_state_shapes(step_dir))
+            shutil.rmtree(step_dir / "state")
+            checkpointer.save(step_dir / "state", rename_saved(state, mapping))
     return sorted(mapping.values())
 
 
@@ -84,8 +97,7 @@ def test_a_renamed_run_is_refused_then_migrated_and_resumes_exactly(tmp_path, tm
     # Bit for bit the state the original resumes from (parameters, Adam's moments, step,
     # loop progress), so training goes on exactly as the original would (the exactness of
     # resuming itself is tested in test_train.py).
-    _, config, vocabulary = read_run(original)
-    _, abstract, _, _ = abstract_state(original, config, vocabulary)
+    config, abstract = _train_state_shapes(original)
     restored = []
     for workdir in (original, renamed):
         checkpoints = Checkpoints(workdir, config.keep_checkpoints)

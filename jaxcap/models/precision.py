@@ -12,7 +12,7 @@ conversions (about 140). In float32 the wrappers change nothing.
 Those fast kernels need AVX-512 BF16 or AMX. A CPU with neither runs bfloat16
 products no faster than float32 ones and pays for the conversions besides: on
 a 2-core AMD EPYC with AVX2, bfloat16 training ran at 64 captions/s against
-float32's 103. ``make_model`` warns when a run asks for bfloat16 there.
+float32's 103. ``build_captioner`` warns when a run asks for bfloat16 there.
 """
 
 from __future__ import annotations
