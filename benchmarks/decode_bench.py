@@ -26,7 +26,7 @@ operands accumulating in float32, parameters float32) against the batched
 PyTorch search under ``torch.autocast(dtype=bfloat16)``, both reported
 beside the float32 figures, with how many captions each shares with its
 float32 self (random weights make near-ties common, so this counts
-rounding, not quality; quality is measured on trained runs, see README).
+rounding, not quality; quality is measured on trained runs, see docs/variants.md).
 
     python benchmarks/decode_bench.py [--images 64] [--repetitions 3]
 
@@ -51,7 +51,7 @@ from benchmarks.train_bench import decoder_macs  # noqa: E402
 from jaxcap import configs  # noqa: E402
 from jaxcap.data.text import END_ID, PAD_ID, START_ID, Vocabulary  # noqa: E402
 from jaxcap.decode import CaptionSearch, SearchOptions  # noqa: E402
-from jaxcap.train import make_model  # noqa: E402
+from jaxcap.models.captioner import build_captioner  # noqa: E402
 
 BEAM, VOCAB, MAX_LENGTH, GRID, FEATURES = 5, 3000, 22, 7, 2048
 EMBED, HIDDEN, ATTENTION = 50, 512, 512
@@ -60,7 +60,7 @@ EMBED, HIDDEN, ATTENTION = 50, 512, 512
 def jaxcap_search(images: int, dtype: str = "float32"):
     config = configs.load("flickr8k")
     config.dtype = dtype
-    model = make_model(config, VOCAB, dict(depth=50, preprocessing="torch"))
+    model = build_captioner(config, VOCAB, dict(depth=50, preprocessing="torch"))
     features = np.random.default_rng(0).standard_normal((images, GRID, GRID, FEATURES),
                                                          np.float32)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), features[:1],

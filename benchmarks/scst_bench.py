@@ -34,7 +34,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import best_seconds, machine, machine_line  # noqa: E402
-from jaxcap import configs, scst, train  # noqa: E402
+from jaxcap import configs, scst  # noqa: E402
+from jaxcap.data.prepare import pipeline_options, prepare_dataset  # noqa: E402
+from jaxcap.train import state as train_state, steps  # noqa: E402
 from jaxcap.data.pipeline import Batcher, SplitIndex  # noqa: E402
 from jaxcap.data.text import words as words_of  # noqa: E402
 from jaxcap.runs import load_run  # noqa: E402
@@ -53,28 +55,28 @@ def main() -> None:
     defaults = configs.load("shapes")
     config.objective, config.scst = "scst", defaults.scst  # runs before SCST lack the section
     config.scst.samples = args.samples
-    built = train.prepare_dataset(config)
+    built = prepare_dataset(config)
     index = SplitIndex(built.as_data_source("train"))
     objective = scst.Objective.from_config(config)
     references = scst.training_references(index.captions, vocabulary)
-    options, _ = train.pipeline_options(config)
+    options, _ = pipeline_options(config)
     batch = next(iter(Batcher(built.as_data_source("train"), vocabulary, options, None,
                               index).epoch(0)))
 
-    tx = train.make_optimizer(config, train.learning_rate_schedule(config, 100))
+    tx = train_state.make_optimizer(config, train_state.learning_rate_schedule(config, 100))
     size = config.encoder.image_size
     encoder_variables = {collection: tree["encoder"] for collection, tree in variables.items()}
-    state = train.init_state(model, config, (size, size, 3), np.zeros(
+    state = train_state.init_state(model, config, (size, size, 3), np.zeros(
         (len(vocabulary), config.decoder.embed_dim), np.float32), encoder_variables, tx)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=tx.init(variables["params"]))
-    replicated_state = train.replicate(state)
-    sharded = train.shard(batch, jax.local_device_count())
-    rng = train.replicate(jax.random.PRNGKey(0))
-    replicated_refs = train.replicate(references)
+    replicated_state = steps.replicate(state)
+    sharded = steps.shard(batch, jax.local_device_count())
+    rng = steps.replicate(jax.random.PRNGKey(0))
+    replicated_refs = steps.replicate(references)
 
     def step_time(objective_or_none) -> float:
-        step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx,
+        step = jax.pmap(functools.partial(steps.train_step, model=model, tx=tx,
                                           objective=objective_or_none), axis_name="batch")
 
         def run():

@@ -41,8 +41,9 @@ import numpy as np  # noqa: E402
 from benchmarks.common import best_seconds_alternating, machine, machine_line, matmul_gflops  # noqa: E402
 from jaxcap import configs  # noqa: E402
 from jaxcap.data.pipeline import EpochExamples, PipelineOptions  # noqa: E402
-from jaxcap.train import (init_state, learning_rate_schedule, make_model,  # noqa: E402
-                          make_optimizer, replicate, shard, train_step)
+from jaxcap.models.captioner import build_captioner  # noqa: E402
+from jaxcap.train.state import init_state, learning_rate_schedule, make_optimizer  # noqa: E402
+from jaxcap.train.steps import replicate, shard, train_step  # noqa: E402
 
 BATCH, VOCAB, MAX_LENGTH, GRID, FEATURES = 32, 3000, 22, 7, 2048
 
@@ -103,7 +104,7 @@ def jaxcap_run(data: list[dict], fast_path: bool = True, dtype: str = "float32")
     config.text.max_length = MAX_LENGTH
     config.decoder.soft.fast_path = fast_path
     config.dtype = dtype
-    model = make_model(config, VOCAB, dict(depth=50, preprocessing="torch"))
+    model = build_captioner(config, VOCAB, dict(depth=50, preprocessing="torch"))
     tx = make_optimizer(config, learning_rate_schedule(config, 1000))
     embedding = np.random.default_rng(0).standard_normal((VOCAB, 50)).astype(np.float32)
     state = replicate(init_state(model, config, (GRID, GRID, FEATURES), embedding, None, tx))

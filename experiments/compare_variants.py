@@ -52,12 +52,14 @@ from scipy import stats  # noqa: E402  (a dependency of JAX)
 
 from jaxcap import __version__, configs  # noqa: E402
 from jaxcap.data.builders import split_sizes  # noqa: E402
+from jaxcap.data.prepare import prepare_dataset  # noqa: E402
 from jaxcap.decode import SearchOptions  # noqa: E402
 from jaxcap.evaluate import evaluate_run  # noqa: E402
+from jaxcap.files import write_json_atomic  # noqa: E402
 from jaxcap.metrics import COCO_METRICS  # noqa: E402
 from jaxcap.models.decoders import VARIANTS  # noqa: E402
 from jaxcap.runs import load_run  # noqa: E402
-from jaxcap.train import prepare_dataset, train_and_evaluate  # noqa: E402
+from jaxcap.train import train_and_evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # (part, key in the evaluation, column title); those absent from every run are left out
@@ -174,9 +176,7 @@ def _read(path: Path):
 
 
 def _write(path: Path, value) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(partial, path)
+    write_json_atomic(path, value, indent=2)
 
 
 def one_run(args, variant: str, seed_offset: int, dataset: dict, log) -> dict:

@@ -202,24 +202,9 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
         return jax.vmap(lambda t, cr: model.apply(variables, context, cr, t,
                                                   method=Captioner.decode_step))(tokens, carry)
 
-    # The first step: every beam would read <start> from the same state, so it runs once
-    # per image (a twentieth of a search's products saved at 21 steps) and its k best
-    # words start the beams: the lower word first among equal scores, as the loop ranks
-    # them, and past the vocabulary's size, hypotheses at -inf.
-    tokens = jnp.full((inputs.shape[0], max_length), PAD_ID, jnp.int32).at[:, 0].set(START_ID)
-    carry, logits, alpha = model.apply(variables, context, carry, tokens[:, 0],
-                                       method=Captioner.decode_step)
-    (batch, vocab), regions_count = logits.shape, alpha.shape[-1]
-    logp = _next_word_logp(logits, tokens, 1, min_length, no_repeat_ngram)
-    logp = jnp.concatenate([logp, jnp.full((batch, max(0, k - vocab)), -jnp.inf)], axis=1)
-    scores, first = jax.lax.top_k(logp, k)  # (B, K)
-    first = (first % vocab).T.astype(jnp.int32)
-    tokens = jnp.broadcast_to(tokens, (k, batch, max_length)).at[:, :, 1].set(first)
-    carry = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), carry)
-    alphas = jnp.zeros((k, batch, max_length - 1, regions_count), jnp.float32)
-    state = dict(t=jnp.asarray(2), tokens=tokens, scores=scores.T, carry=carry,
-                 done=first == END_ID, lengths=jnp.ones((k, batch), jnp.int32),
-                 alphas=alphas.at[:, :, 0].set(alpha))
+    state = _first_beams(model, variables, context, carry, inputs.shape[0], k, max_length,
+                         min_length, no_repeat_ngram)
+    batch = inputs.shape[0]
 
     def cond(state):
         return (state["t"] < max_length) & ~jnp.all(
@@ -267,6 +252,29 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
     take = lambda x: jnp.take_along_axis(  # noqa: E731
         x, best.reshape(1, batch, *([1] * (x.ndim - 2))), axis=0)[0]
     return take(state["tokens"]), take(state["scores"]), take(state["alphas"])
+
+
+def _first_beams(model, variables, context, carry, batch: int, k: int, max_length: int,
+                 min_length, no_repeat_ngram: int) -> dict:
+    """The beam search's state after its first step. Every beam would read <start> from
+    the same state, so the step runs once per image (a twentieth of a search's products
+    saved at 21 steps) and its k best words start the beams: the lower word first among
+    equal scores, as the loop ranks them, and past the vocabulary's size, hypotheses at
+    -inf."""
+    tokens = jnp.full((batch, max_length), PAD_ID, jnp.int32).at[:, 0].set(START_ID)
+    carry, logits, alpha = model.apply(variables, context, carry, tokens[:, 0],
+                                       method=Captioner.decode_step)
+    vocab, regions_count = logits.shape[-1], alpha.shape[-1]
+    logp = _next_word_logp(logits, tokens, 1, min_length, no_repeat_ngram)
+    logp = jnp.concatenate([logp, jnp.full((batch, max(0, k - vocab)), -jnp.inf)], axis=1)
+    scores, first = jax.lax.top_k(logp, k)  # (B, K)
+    first = (first % vocab).T.astype(jnp.int32)
+    tokens = jnp.broadcast_to(tokens, (k, batch, max_length)).at[:, :, 1].set(first)
+    carry = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), carry)
+    alphas = jnp.zeros((k, batch, max_length - 1, regions_count), jnp.float32)
+    return dict(t=jnp.asarray(2), tokens=tokens, scores=scores.T, carry=carry,
+                done=first == END_ID, lengths=jnp.ones((k, batch), jnp.int32),
+                alphas=alphas.at[:, :, 0].set(alpha))
 
 
 def _ranked(scores, lengths, length_penalty):

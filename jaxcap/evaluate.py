@@ -20,13 +20,10 @@ import sys
 
 import jax
 
-from jaxcap.data.pipeline import Batcher
 from jaxcap.decode import CaptionSearch, SearchOptions
-from jaxcap.extract import write_json_atomic
+from jaxcap.files import write_json_atomic
 from jaxcap.metrics import COCO_METRICS, caption_metrics, grounded_metrics, java_available
-from jaxcap.runs import TrainedRun, load_run
-from jaxcap.train import (TrainingError, model_inputs, pipeline_options, prepare_dataset,
-                          prepare_features)
+from jaxcap.runs import RunError, TrainedRun, load_run
 
 TABLE_ROWS = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"),
               ("meteor", "METEOR"), ("rougeL", "ROUGE-L"), ("cider", "CIDEr-D"),
@@ -49,12 +46,17 @@ class DecodedSplit:
 def decode_split(run: TrainedRun, split: str, options: SearchOptions,
                  batch_size: int = 64) -> DecodedSplit:
     """Every image of ``split``, in order, captioned by ``run``'s best checkpoint."""
+    # The data stack (TFDS, grain) is loaded here, when a split is read, not by importing
+    # this module: serving and captioning files never need it.
+    from jaxcap.data.pipeline import Batcher, model_inputs
+    from jaxcap.data.prepare import pipeline_options, prepare_dataset, prepare_features
+
     config = run.config
     built = prepare_dataset(config)
     sources = built.as_data_source()
     if split not in sources:
-        raise TrainingError(f"the {config.dataset.name} dataset has no split {split!r}; "
-                            f"it has {sorted(sources)}")
+        raise RunError(f"the {config.dataset.name} dataset has no split {split!r}; "
+                       f"it has {sorted(sources)}")
     source = sources[split]
     devices = jax.local_device_count()
     _, options_eval = pipeline_options(config)
@@ -121,7 +123,7 @@ def evaluate_run(run: TrainedRun, split: str, options: SearchOptions, batch_size
     for name in splits:
         try:
             decoded = decode_split(run, name, options, batch_size)
-        except TrainingError:
+        except RunError:
             if name == split:
                 raise
             continue  # a shapes dataset built without a novel split

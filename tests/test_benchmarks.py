@@ -101,13 +101,13 @@ def test_a_benchmark_reads_only_names_that_exist_and_calls_them_as_they_are_defi
 
 def test_the_check_finds_a_missing_name_and_calls_that_do_not_bind():
     source = ("from benchmarks import extract_bench\n"
-              "from jaxcap.train import init_state\n"
+              "from jaxcap.train.state import init_state\n"
               "extract_bench.jaxcap_images_per_s(32, 3)\n"
               "extract_bench.jaxcap_run(32, 'float32', 'extra', 'args')\n"
               "init_state(1, 2, 3)\n"
               "extract_bench.jaxcap_run(32)\n"
-              "import jaxcap.train\n"
-              "jaxcap.train.init_state_of_old\n")
+              "import jaxcap.train.state\n"
+              "jaxcap.train.state.init_state_of_old\n")
     problems = _problems(source, "bad.py")
     assert [p.split(":")[1] for p in problems] == ["3", "4", "5", "8"], problems
     assert "jaxcap_images_per_s does not exist" in problems[0]

@@ -14,7 +14,7 @@ from jaxcap.decode import CaptionSearch, SearchOptions
 from jaxcap.evaluate import decode_split
 from jaxcap.metrics import caption_metrics
 from jaxcap.runs import load_run
-from jaxcap.train import prepare_dataset
+from jaxcap.data.prepare import prepare_dataset
 from tests.conftest import _train_tiny
 
 

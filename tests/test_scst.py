@@ -12,7 +12,8 @@ import pytest
 from jaxcap import cli, configs, decode, rewards, scst
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import VARIANTS, make_decoder
-from jaxcap.train import init_state, learning_rate_schedule, make_optimizer, train_step
+from jaxcap.train.state import init_state, learning_rate_schedule, make_optimizer
+from jaxcap.train.steps import train_step
 from tests.killing import kill_after_checkpoint
 
 VOCAB, FEATURES, GRID, IMAGES = 12, 6, 2, 4

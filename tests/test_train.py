@@ -17,14 +17,16 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from jaxcap import __version__, checkpoints, cli, configs, train
+from jaxcap import __version__, checkpoints, cli, configs
 from jaxcap.convert import init_weights
-from jaxcap.models.captioner import Captioner
+from jaxcap.models.captioner import Captioner, build_captioner
 from jaxcap.models.decoders import VARIANTS, SoftAttentionDecoder, make_decoder
 from jaxcap.models.encoder import build_encoder
 from jaxcap.runs import load_run
-from jaxcap.train import (init_state, learning_rate_schedule, make_optimizer, replicate,
-                          train_step, unreplicate)
+from jaxcap.train import run_dir, settings
+from jaxcap.train.state import init_state, learning_rate_schedule, make_optimizer
+from jaxcap.train.steps import replicate, train_step, unreplicate
+from jaxcap.train.validation import Progress
 from tests.killing import kill_after_checkpoint
 
 TINY = "tiny"  # jaxcap/configs/tiny.py
@@ -95,7 +97,7 @@ def test_pmap_step_on_four_devices_equals_one_device_on_the_whole_batch(rng):
 
 
 def test_the_train_step_is_traced_once_from_the_replicated_state_to_its_own_outputs(rng):
-    """``train.replicate`` lays the state out as the pmapped step returns it, so the
+    """``replicate`` lays the state out as the pmapped step returns it, so the
     second step runs the first one's program: with flax's default layout every run
     traced and compiled its train step twice."""
     state, batch, step = _tiny_training(rng)
@@ -154,7 +156,7 @@ def test_a_new_state_draws_the_decoder_of_the_whole_captioner_and_keeps_the_enco
     config.decoder.variant = variant
     config.encoder.update(mode="end_to_end", stage=1, image_size=16)
     metadata = dict(architecture="resnet", depth=18, variant="v1.5", preprocessing="torch")
-    model = train.make_model(config, 30, metadata)
+    model = build_captioner(config, 30, metadata)
     tx = make_optimizer(config, learning_rate_schedule(config, 100))
     embedding = rng.normal(size=(30, 50)).astype(np.float32)
     encoder = jax.jit(build_encoder(metadata, stage=1).init)(jax.random.PRNGKey(1),
@@ -185,7 +187,7 @@ def test_an_encoder_in_the_graph_trains_its_batchnorm_over_all_devices(rng, batc
     config.encoder.update(batchnorm=batchnorm, stage=1, image_size=16)
     config.decoder.dropout = 0.0  # with dropout each device draws its own masks
     metadata = dict(architecture="resnet", depth=18, variant="v1.5", preprocessing="torch")
-    model = train.make_model(config, 30, metadata)
+    model = build_captioner(config, 30, metadata)
     assert model.train_batchnorm == (batchnorm == "batch")
     tx = optax.sgd(0.1)  # Adam's first step is about ±lr for any gradient, however small
     embedding = rng.normal(size=(30, 50)).astype(np.float32)
@@ -255,7 +257,7 @@ def test_the_learning_rate_scale_scales_every_update(rng):
 def test_plateau_cuts_the_rate_and_patience_stops_the_run(scores, scales, stops_after):
     config = configs.load(TINY)
     config.plateau_patience, config.plateau_factor, config.early_stopping_patience = 2, 0.5, 3
-    progress, scale, seen = train.Progress(), 1.0, []
+    progress, scale, seen = Progress(), 1.0, []
     for epoch, bleu4 in enumerate(scores):
         scale = progress.after_validation(epoch, bleu4, scale, config, log=lambda _: None)
         seen.append(scale)
@@ -264,7 +266,7 @@ def test_plateau_cuts_the_rate_and_patience_stops_the_run(scores, scales, stops_
     assert seen == scales[:len(seen)]
     assert (len(seen) if progress.stopped_early else None) == stops_after
     config.early_stopping_patience = 0  # off
-    progress = train.Progress()
+    progress = Progress()
     for epoch in range(20):
         progress.after_validation(epoch, 0.0, 1.0, config, log=lambda _: None)
     assert not progress.stopped_early
@@ -273,7 +275,7 @@ def test_plateau_cuts_the_rate_and_patience_stops_the_run(scores, scales, stops_
 def test_progress_saved_before_the_selection_metric_reads_back():
     saved = dict(evaluated_epochs=2, best_bleu4=0.5, epochs_since_best=1, epochs_since_cut=1,
                  stopped_early=False)
-    assert train.Progress.from_saved(saved) == train.Progress(2, 0.5, 1, 1, False)
+    assert Progress.from_saved(saved) == Progress(2, 0.5, 1, 1, False)
 
 
 def test_a_run_that_stops_improving_cuts_its_rate_and_stops_early(tmp_path, data_dir):
@@ -524,7 +526,7 @@ def test_a_run_stopped_before_its_first_checkpoint_says_it_may_be_started_again(
     workdir.mkdir()
     config = configs.load("tiny")
     config.decoder.hidden_dim = 48
-    train._write_config(config, workdir)
+    run_dir.write_config(config, workdir)
     assert cli.main(_train_args(workdir, data_dir, "--config.num_train_steps=2")) == 2
     err = capsys.readouterr().err
     assert "(decoder.hidden_dim: 48 -> 32)" in err and "It has no checkpoint yet" in err
@@ -607,8 +609,9 @@ def test_the_metrics_reach_tensorboard_without_importing_pytorch(tmp_path):
     """tensorboardX imports PyTorch whenever it is installed (2.2 s of each run's start):
     the run's log keeps it out, and PyTorch imports as usual afterwards."""
     pytest.importorskip("tensorboardX")
-    script = ("import importlib.util, sys; from pathlib import Path; from jaxcap import train; "
-              "log = train.MetricsLog(Path(sys.argv[1]), 0, 0); "
+    script = ("import importlib.util, sys; from pathlib import Path; "
+              "from jaxcap.train.metrics_log import MetricsLog; "
+              "log = MetricsLog(Path(sys.argv[1]), 0, 0); "
               "log.write({'step': 1, 'epoch': 0, 'loss': 2.5}); log.close(); "
               "print('torch' in sys.modules); "
               "importlib.util.find_spec('torch') and __import__('torch').zeros(1)")
@@ -661,7 +664,8 @@ def test_nan_loss_stops_the_run_without_a_checkpoint_of_it(tmp_path, data_dir, c
     # Checked where the model and the schedule are built too; found only there, they had
     # bound the run directory to the mistake (config.json was written before).
     ("decoder.variant=bogus", "unknown decoder variant 'bogus'"),
-    ("schedule=sometimes", "schedule must be constant, warmup or cosine, got 'sometimes'"),
+    ("schedule=sometimes", "schedule='sometimes': must be one of constant, warmup, cosine"),
+    ("objective=reinforce", "objective='reinforce': must be one of cross_entropy, scst"),
     ("encoder.mode=both", "encoder.mode must be features or end_to_end, got 'both'"),
 ])
 def test_a_setting_out_of_range_is_an_error_naming_it_before_anything_is_written(
@@ -677,7 +681,7 @@ def test_a_setting_out_of_range_is_an_error_naming_it_before_anything_is_written
 def test_a_run_may_set_steps_instead_of_epochs():
     config = configs.load("tiny")
     config.num_epochs, config.num_train_steps = 0, 5
-    train.check_settings(config)
+    settings.check_settings(config)
 
 
 def test_config_overrides_are_typed_and_checked():

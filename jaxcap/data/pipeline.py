@@ -238,3 +238,8 @@ class Batcher:
         read = grain.ReadOptions(num_threads=self.options.num_threads,
                                  prefetch_buffer_size=self.options.prefetch)
         return iter(dataset.to_iter_dataset(read))
+
+
+def model_inputs(batch):
+    """What the model reads of a batch: its cached features, or its images."""
+    return batch["features"] if "features" in batch else batch["image"]

@@ -15,7 +15,7 @@ from jaxcap import configs
 from jaxcap.decode import beam_search, greedy, word_logp
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoders import VARIANTS, make_decoder
-from jaxcap.train import loss_terms
+from jaxcap.train.steps import loss_terms
 
 VOCAB, FEATURES, GRID = 23, 12, 3
 

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcap import configs, train
+from jaxcap import configs
+from jaxcap.train.run_dir import prepare_encoder
 from jaxcap.convert import init_weights
 from jaxcap.models.encoder import WeightsError, build_encoder, cut_to_stage, load_encoder
 
@@ -43,7 +44,7 @@ def test_a_stage_past_the_cut_is_a_clear_error(whole_and_cut):
 def test_a_run_copies_converted_weights_cut_after_its_stage(tmp_path, resnet18_weights):
     config = configs.load("tiny")  # stage 2
     config.encoder.weights = str(resnet18_weights)
-    metadata, variables = load_encoder(train.prepare_encoder(config, tmp_path))
+    metadata, variables = load_encoder(prepare_encoder(config, tmp_path))
     whole_metadata, whole = load_encoder(resnet18_weights)
     assert metadata == dict(whole_metadata, stages=2)  # the source is still named
     jax.tree.map(np.testing.assert_array_equal, variables,
@@ -51,4 +52,4 @@ def test_a_run_copies_converted_weights_cut_after_its_stage(tmp_path, resnet18_w
     config.encoder.stage = 4
     config.encoder.weights = str(tmp_path / "encoder")  # a run's copy is no converted weights
     with pytest.raises(WeightsError, match="hold stages 1-2"):
-        train.prepare_encoder(config, tmp_path / "other")
+        prepare_encoder(config, tmp_path / "other")

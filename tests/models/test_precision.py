@@ -4,7 +4,8 @@ import warnings
 
 import pytest
 
-from jaxcap import configs, train
+from jaxcap import configs
+from jaxcap.models.captioner import build_captioner
 from jaxcap.models import precision
 
 # /proc/cpuinfo as Linux writes it for two processors (trimmed), with the flags of the
@@ -51,7 +52,7 @@ def test_unknown_flags_do_not_warn(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_a_bfloat16_model_warns_where_the_cpu_lacks_the_extensions(monkeypatch, dtype):
-    """Every command builds its model with ``make_model``: training, captioning,
+    """Every command builds its model with ``build_captioner``: training, captioning,
     evaluation and the service all warn from there."""
     monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo: frozenset(AVX2_FLAGS.split()))
     config = configs.load("tiny")
@@ -59,6 +60,6 @@ def test_a_bfloat16_model_warns_where_the_cpu_lacks_the_extensions(monkeypatch, 
     metadata = dict(architecture="resnet", depth=18, variant="v1.5", preprocessing="torch")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train.make_model(config, 30, metadata)
+        build_captioner(config, 30, metadata)
     messages = [str(w.message) for w in caught if "slower than float32" in str(w.message)]
     assert len(messages) == (dtype == "bfloat16")
