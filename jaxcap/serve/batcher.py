@@ -13,7 +13,7 @@
 * Programs: the default search's are compiled, and timed, before the server says
   it is ready. Options that need another program (``SearchOptions.program``: beam
   size, maximum length, n-gram size blocked) have theirs compiled ahead of time in
-  a thread of their own, at the lowest priority, so that default batches keep
+  a thread of their own, at a lower priority, so that default batches keep
   decoding meanwhile; their jobs wait for it. The server holds the default's and
   those of the ``cached_searches`` option sets used last, and nothing else (each
   set dropped is freed with JAX's caches): at most ``programs_bound`` programs.
@@ -51,10 +51,16 @@ class _Job:
     future: asyncio.Future
 
 
-def _lowest_priority() -> None:
-    """Run by the compiling thread: on Linux a thread's nice value is its own."""
+# The compiling thread's nice value (on Linux a thread's own): the decoding thread gets about
+# nine tenths of a core they share. Not 19: a compile would then starve on a loaded machine
+# (a fiftieth of a core), and its requests time out.
+COMPILE_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Run by the compiling thread as it starts."""
     with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPILE_NICENESS)
 
 
 class DynamicBatcher:
@@ -79,7 +85,7 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode")
         self.compiler = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="compile", initializer=_lowest_priority)
+            1, thread_name_prefix="compile", initializer=_lower_priority)
         self._batch_ids = itertools.count(1)
         self.bucket_seconds: dict[int, float] = {}  # the default search's, from warm_up
         self.ready = False
