@@ -9,7 +9,7 @@ __version__ = "0.2.0"
 # XLA's CPU backend (jaxlib 0.10.2) hands each convolution to YNNPACK by default, which
 # ran ResNet's 3x3 and 7x7 convolutions 1.2-2.4x slower than XLA's own kernels on the CPU
 # measured here, and the weight gradients of the early ones 4-5x slower
-# (benchmarks/shapes_bench.py, README's Speed section): this flag keeps convolutions on
+# (benchmarks/shapes_bench.py, docs/speed.md): this flag keeps convolutions on
 # XLA's kernels (matrix products stay with YNNPACK). Set on
 # import, so it holds if jaxcap is imported before JAX starts its backend; a user's own
 # setting of the flag wins. Hosts with an accelerator plugin (TPU, GPU) are left alone:

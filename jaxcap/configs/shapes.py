@@ -1,5 +1,12 @@
 """The embedded default: the synthetic shapes dataset, no download, minutes on a CPU.
 
+    jaxcap train --config shapes --workdir runs/shapes
+    jaxcap evaluate --workdir runs/shapes --split test --beam 3
+
+Reaches test BLEU-4 about 0.92 at beam 3 and names the right objects in about
+95% of test images, in 10-15 minutes on 2 CPU cores (the README's table has each
+CPU's run; docs/variants.md the six decoders under this recipe, 3 seeds each).
+
 No ImageNet weights exist here, so the encoder (ResNet-18 cut after stage 2:
 an 8x8x128 grid at 64x64) is trained from scratch with the decoder. Measured
 on 2 CPU cores: decoding from cached features of a *random* ResNet plateaus

@@ -1,7 +1,10 @@
 """A tiny shapes run: 32-pixel images, a ResNet-18 cut at stage 2, a small decoder.
 
+    jaxcap train --config tiny --workdir runs/tiny
+
 Checks that an installation (or a notebook, or a change) works end to end in
-about a minute on a CPU; the tests train it. It learns next to nothing.
+about a minute on a CPU; the tests train it. It learns next to nothing (test
+BLEU-4 near 0).
 """
 
 from jaxcap.configs import shapes
