@@ -104,18 +104,14 @@ def _figure_names(names: list[str]) -> dict[str, str]:
     return out
 
 
-def caption_images(run, images: list[tuple[str, Path]], options: SearchOptions,
+def caption_images(search, size: int, resize: str, images: list[tuple[str, Path]],
                    batch_size: int = 64, attention_dir: str | os.PathLike | None = None,
                    write=print, report=None, workers: int = 8) -> tuple[int, int]:
-    """Captions ``images`` in order, ``write``-ing one JSON line each; returns (done, skipped).
-
-    Unusable files go to ``report(name, reason)`` and are skipped.
+    """Captions ``images`` in order with ``search`` (a ``CaptionSearch``, or an exported
+    captioner's), prepared at ``size`` by ``resize``, ``write``-ing one JSON line each;
+    returns (done, skipped). Unusable files go to ``report(name, reason)`` and are skipped.
     """
     report = report or (lambda name, reason: print(f"skipped {name}: {reason}", file=sys.stderr))
-    config = run.config
-    size, resize = config.encoder.image_size, config.encoder.resize
-    search = CaptionSearch(run.image_model, run.image_variables, run.vocabulary, options,
-                           max_batch=batch_size)
     figures = _figure_names([name for name, _ in images])
     if attention_dir is not None:
         attention_dir = Path(attention_dir)
@@ -152,23 +148,60 @@ def check_batch_size(batch_size: int) -> None:
         raise CaptionError("--batch-size must be at least 1")
 
 
-def search_options(args, run) -> SearchOptions:
-    """The search options of the ``caption``, ``evaluate`` and ``serve`` command lines."""
+# The search flags and the options they set (jaxcap.cli._add_search_options).
+SEARCH_FLAGS = {"beam": "beam_size", "max_length": "max_length", "min_length": "min_length",
+                "length_penalty": "length_penalty", "no_repeat_ngram": "no_repeat_ngram",
+                "temperature": "temperature", "top_k": "top_k", "seed": "seed"}
+
+
+def given_search_flags(args) -> dict:
+    """``{option: value}`` of the search flags given on the command line."""
+    return {option: getattr(args, flag) for flag, option in SEARCH_FLAGS.items()
+            if getattr(args, flag, None) is not None}
+
+
+def search_options(args, max_length: int) -> SearchOptions:
+    """The search options of the ``caption``, ``evaluate``, ``serve`` and ``export`` command
+    lines: the flags given, the command's beam and ``max_length`` (the run's) otherwise."""
     try:
-        return SearchOptions(
-            beam_size=args.beam, max_length=args.max_length or run.config.eval.max_length,
-            min_length=args.min_length, length_penalty=args.length_penalty,
-            no_repeat_ngram=args.no_repeat_ngram, temperature=args.temperature,
-            top_k=args.top_k, seed=args.seed)
+        return SearchOptions(**{"beam_size": args.default_beam, "max_length": max_length,
+                                **given_search_flags(args)})
     except ValueError as error:
         raise CaptionError(str(error)) from None
+
+
+def check_exported_search(args, search: SearchOptions) -> None:
+    """An exported captioner decodes with its own search: a flag that asks for another one
+    is an error naming it."""
+    for flag, option in SEARCH_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None and value != getattr(search, option):
+            raise CaptionError(f"--{flag.replace('_', '-')} {value}: the exported captioner "
+                               f"decodes with {option}={getattr(search, option)} (export it "
+                               f"again to decode otherwise)")
+
+
+def _search(args):
+    """``(search, image size, resize rule, what was loaded)`` of the command line."""
+    if args.exported:
+        from jaxcap.export import ExportedSearch
+
+        search = ExportedSearch(args.exported, max_batch=args.batch_size)
+        check_exported_search(args, search.options)
+        return search, search.image_size, search.resize, args.exported
+    run = load_run(args.workdir, args.dtype)
+    search = CaptionSearch(run.image_model, run.image_variables, run.vocabulary,
+                           search_options(args, run.config.eval.max_length),
+                           max_batch=args.batch_size)
+    config = run.config
+    return (search, config.encoder.image_size, config.encoder.resize,
+            f"{run.workdir} (step {run.step})")
 
 
 def main(args) -> int:
     """``jaxcap caption``: see ``jaxcap.cli``."""
     check_batch_size(args.batch_size)
-    run = load_run(args.workdir, args.dtype)
-    options = search_options(args, run)
+    search, size, resize, source = _search(args)
     images, missing = gather_images(args.images)
     for name, reason in missing:
         print(f"skipped {name}: {reason}", file=sys.stderr)
@@ -177,13 +210,13 @@ def main(args) -> int:
     handle = open(partial, "w", encoding="utf8") if output else sys.stdout
     try:
         done, skipped = caption_images(
-            run, images, options, args.batch_size, args.attention_dir,
+            search, size, resize, images, args.batch_size, args.attention_dir,
             write=lambda line: print(line, file=handle, flush=output is None))
     finally:
         if output:
             handle.close()
     if output:
         os.replace(partial, output)  # a finished file or none: an old one is never half-replaced
-    print(f"captioned {done} images with {run.workdir} (step {run.step}); skipped "
-          f"{skipped + len(missing)}", file=sys.stderr)
+    print(f"captioned {done} images with {source}; skipped {skipped + len(missing)}",
+          file=sys.stderr)
     return 0 if done or not (skipped or missing) else 1

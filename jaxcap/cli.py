@@ -133,25 +133,28 @@ def _add_train(subparsers) -> None:
     parser.set_defaults(module="jaxcap.train")
 
 
-def _add_search_options(parser) -> None:
+def _add_search_options(parser, beam: int) -> None:
+    """The search flags; left out, each takes its default (``jaxcap.caption.search_options``)."""
     search = parser.add_argument_group("search")
-    search.add_argument("--max-length", type=int, default=0,
+    search.add_argument("--beam", type=int, help=f"beam size (1: greedy; default {beam})")
+    search.add_argument("--max-length", type=int,
                         help="tokens, <start> and <end> included (default: the run's "
                              "eval.max_length)")
-    search.add_argument("--min-length", type=int, default=1, help="words before <end>")
-    search.add_argument("--length-penalty", type=float, default=0.0,
+    search.add_argument("--min-length", type=int, help="words before <end> (default 1)")
+    search.add_argument("--length-penalty", type=float,
                         help="rank finished beams by score / length**P, the length counting "
-                             "the words and <end> (0: by summed log-prob); P > 0 favours "
-                             "longer captions")
-    search.add_argument("--no-repeat-ngram", type=int, default=0,
-                        help="never repeat an n-gram of this size (0: off)")
-    search.add_argument("--temperature", type=float, default=0.0,
+                             "the words and <end> (default 0: by summed log-prob); P > 0 "
+                             "favours longer captions")
+    search.add_argument("--no-repeat-ngram", type=int,
+                        help="never repeat an n-gram of this size (default 0: off)")
+    search.add_argument("--temperature", type=float,
                         help="> 0: sample captions at this temperature (with --beam 1)")
-    search.add_argument("--top-k", type=int, default=0, help="sampling: only the k likeliest words")
-    search.add_argument("--seed", type=int, default=0, help="sampling: random seed")
+    search.add_argument("--top-k", type=int, help="sampling: only the k likeliest words")
+    search.add_argument("--seed", type=int, help="sampling: random seed (default 0)")
     search.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="compute in this precision (default: the run's config.dtype); "
                              "parameters are float32 whatever a run trained in")
+    parser.set_defaults(default_beam=beam)
 
 
 def _add_caption(subparsers) -> None:
@@ -166,12 +169,13 @@ def _add_caption(subparsers) -> None:
                "  jaxcap caption --workdir runs/shapes cat.jpg --attention-dir attention/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    parser.add_argument("--workdir", required=True, help="the run directory of 'jaxcap train'")
-    parser.add_argument("--beam", type=int, default=5, help="beam size (1: greedy)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="the run directory of 'jaxcap train'")
+    source.add_argument("--exported", help="a folder written by 'jaxcap export' (its search)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step")
     parser.add_argument("--attention-dir", help="write one attention PNG per image here")
     parser.add_argument("--output", help="write the JSON lines to this file (default stdout)")
-    _add_search_options(parser)
+    _add_search_options(parser, beam=5)
     parser.set_defaults(module="jaxcap.caption")
 
 
@@ -187,11 +191,10 @@ def _add_evaluate(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="the run directory of 'jaxcap train'")
     parser.add_argument("--split", default="test", help="train, val, test (or novel on shapes)")
-    parser.add_argument("--beam", type=int, default=3, help="beam size (1: greedy)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step")
     parser.add_argument("--no-meteor", action="store_true",
                         help="skip METEOR (its Java process takes about 12 s to start)")
-    _add_search_options(parser)
+    _add_search_options(parser, beam=3)
     parser.set_defaults(module="jaxcap.evaluate")
 
 
@@ -205,9 +208,13 @@ def _add_serve(subparsers) -> None:
                     "arrived within --max-wait-ms. Ready once every bucket of the default "
                     "search is compiled.",
         epilog="example:\n  jaxcap serve --workdir runs/shapes --port 8000 --beam 3\n"
+               "  jaxcap serve --exported exported/shapes --port 8000\n"
                "  curl -F images=@cat.jpg -F images=@dog.png http://127.0.0.1:8000/v1/captions",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="the run directory of 'jaxcap train'")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="the run directory of 'jaxcap train'")
+    source.add_argument("--exported", help="a folder written by 'jaxcap export' (its search "
+                                           "only)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
@@ -215,7 +222,6 @@ def _add_serve(subparsers) -> None:
                         help="most images decoded together (rounded up to the device count)")
     parser.add_argument("--max-wait-ms", type=float, default=10,
                         help="how long a batch waits for more requests to fill it")
-    parser.add_argument("--beam", type=int, default=3, help="default beam size (1: greedy)")
     parser.add_argument("--max-images", type=int, default=64, help="most images a request")
     parser.add_argument("--max-body-mb", type=float, default=20, help="largest request body")
     parser.add_argument("--queue-images", type=int, default=1024,
@@ -229,8 +235,29 @@ def _add_serve(subparsers) -> None:
                         help="memory held by images being decoded at once, over all requests")
     parser.add_argument("--cached-searches", type=int, default=16,
                         help="option sets besides the default whose compiled programs are kept")
-    _add_search_options(parser)
+    _add_search_options(parser, beam=3)
     parser.set_defaults(module="jaxcap.serve")
+
+
+def _add_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write a run's captioner as one portable artifact (jax.export)",
+        description="Export the whole image-to-caption function of RUN_DIR's best checkpoint "
+                    "(uint8 pixels -> encoder -> the search -> tokens, scores, attention) as "
+                    "StableHLO with a symbolic batch dimension, for every platform asked, with "
+                    "its variables, vocabulary and preprocessing and each file's SHA-256. "
+                    "jaxcap/exported.py loads it with jax, numpy and pillow alone.",
+        epilog="example:\n  jaxcap export --workdir runs/shapes --out exported/shapes "
+               "--beam 3 --platforms cpu,cuda,tpu\n"
+               "  jaxcap caption --exported exported/shapes cat.jpg",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="the run directory of 'jaxcap train'")
+    parser.add_argument("--out", required=True, help="a new folder for the artifact")
+    parser.add_argument("--platforms", default="cpu",
+                        help="comma-separated: cpu, cuda, rocm, tpu (lowered here, no device "
+                             "needed)")
+    _add_search_options(parser, beam=3)
+    parser.set_defaults(module="jaxcap.export")
 
 
 def _add_migrate(subparsers) -> None:
@@ -264,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption(subparsers)
     _add_evaluate(subparsers)
     _add_serve(subparsers)
+    _add_export(subparsers)
     _add_migrate(subparsers)
     return parser
 

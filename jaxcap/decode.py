@@ -373,6 +373,23 @@ def _search(model: Captioner, variables, inputs, first_index, seed, temperature,
                        length_penalty, no_repeat_ngram)
 
 
+def search_function(model: Captioner, options: SearchOptions):
+    """The deterministic search ``options`` describe as one function ``(variables, inputs)
+    -> (tokens, scores, alphas)``: what ``CaptionSearch`` runs for them, every option fixed
+    (``jaxcap export`` exports it)."""
+    if options.temperature > 0:
+        raise ValueError("sampling draws from a random stream: only greedy and beam search "
+                         "(temperature 0) are exported")
+
+    def search(variables, inputs):
+        return _search(model, variables, inputs, np.uint32(0), np.uint32(options.seed),
+                       np.float32(0), np.int32(0), np.int32(options.min_length),
+                       np.float32(options.length_penalty), sampling=False,
+                       beam_size=options.beam_size, max_length=options.max_length,
+                       no_repeat_ngram=options.no_repeat_ngram)
+    return search
+
+
 class CaptionSearch:
     """Captions batches of any size with one compilation per bucket size, on all local devices.
 

@@ -154,7 +154,8 @@ def main(args) -> int:
     check_batch_size(args.batch_size)
     run = load_run(args.workdir, args.dtype)
     metrics = [m for m in COCO_METRICS if not (args.no_meteor and m == "meteor")]
-    report = evaluate_run(run, args.split, search_options(args, run), args.batch_size, metrics)
+    report = evaluate_run(run, args.split, search_options(args, run.config.eval.max_length),
+                          args.batch_size, metrics)
     print(f"{report['workdir']}: best checkpoint (step {report['step']}), beam "
           f"{report['search']['beam_size']}, {report['tokenizer']} tokenizer")
     print(format_table(report))

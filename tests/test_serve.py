@@ -27,7 +27,7 @@ from jaxcap import cli, decode  # noqa: E402
 from jaxcap.data.images import load_image  # noqa: E402
 from jaxcap.decode import CaptionSearch, SearchOptions  # noqa: E402
 from jaxcap.runs import load_run  # noqa: E402
-from jaxcap.serve import DynamicBatcher, Limits, create_app  # noqa: E402
+from jaxcap.serve import DynamicBatcher, Limits, Served, create_app  # noqa: E402
 from jaxcap.serve.limits import DecodeBudget  # noqa: E402
 from tests.image_fixtures import bomb_png  # noqa: E402
 
@@ -149,7 +149,10 @@ def test_a_batch_as_large_as_the_timings_favour_goes_without_waiting(run, photos
 
 
 def _batcher(run, bucket_seconds):
-    batcher = DynamicBatcher(run, DEFAULTS, max_batch=8, max_wait_ms=10, queue_images=64)
+    served = Served.of_run(run, DEFAULTS, max_batch=8)
+    side = served.image_size
+    batcher = DynamicBatcher(served.default_search, (side, side, 3), max_wait_ms=10,
+                             queue_images=64, make_search=served.make_search)
     batcher.bucket_seconds = bucket_seconds
     return batcher
 

@@ -20,6 +20,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from jaxcap.exported import resized, to_rgb
+
 RESIZE_POLICIES = ("direct", "center_crop")
 # The most memory a decode holds at once per decoded pixel: an alpha image is held as
 # decoded, as RGBA, on a white page, composited and as RGB (4 + 4 + 4 + 4 + 3 bytes), a
@@ -31,9 +33,6 @@ DECODE_BYTES_PER_PIXEL = 24
 # decompression bomb. A 10000x10000 photo is legitimate, so the warning is
 # silenced; the refusal stays and becomes a skip reason.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-# Pillow modes holding 16- or 32-bit integers: scaled, never clipped, to 8 bits.
-_WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 class ImageError(Exception):
@@ -112,46 +111,12 @@ def load_image(source: str | os.PathLike | bytes, size: int, resize: str = "dire
         _check_pixels(*image.size, max_pixels)
         try:
             image.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
+            rgb = to_rgb(ImageOps.exif_transpose(image))
         except Image.DecompressionBombError as error:
             raise ImageError(f"image too large: {error}") from None
         except Exception as error:  # noqa: BLE001  (see _unreadable)
             raise _unreadable(error) from None
-    return _resize(rgb, size, resize)
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode in _WIDE_INTEGER_MODES:
-        # round(x / 257) in integers (257 is odd: no ties), on 32-bit values clipped to 16 bits
-        wide = np.clip(np.asarray(image, dtype=np.int32), 0, 65535)
-        gray = ((wide + 128) // 257).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if image.mode == "F":
-        gray = np.clip(np.round(np.asarray(image, dtype=np.float32)), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        # Transparent pixels hold arbitrary colours; show them as on a white page.
-        rgba = image.convert("RGBA")
-        page = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(page, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _resize(image: Image.Image, size: int, resize: str) -> np.ndarray:
-    if resize == "center_crop":
-        width, height = image.size
-        scale = size / min(width, height)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    else:
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    return resized(rgb, size, resize)
 
 
 # Errors that say something about the file itself, not about the moment it was read.

@@ -13,9 +13,9 @@ uploads come with it, and it is plain ASGI, so the body limit and the batcher
 are ordinary asyncio code. The page at ``/`` is one static HTML file.
 """
 
-from jaxcap.serve.app import Service, check_arguments, create_app, main
+from jaxcap.serve.app import Served, Service, check_arguments, create_app, main
 from jaxcap.serve.batcher import DynamicBatcher, QueueFull
 from jaxcap.serve.limits import BodyLimit, Limits, OptionError, ServeError
 
 __all__ = ["BodyLimit", "DynamicBatcher", "Limits", "OptionError", "QueueFull", "ServeError",
-           "Service", "check_arguments", "create_app", "main"]
+           "Served", "Service", "check_arguments", "create_app", "main"]

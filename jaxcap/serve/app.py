@@ -29,7 +29,7 @@ import numpy as np
 from jaxcap import __version__
 from jaxcap.data.images import ImageError, decoded_size, load_image
 from jaxcap.data.text import END_ID
-from jaxcap.decode import SearchOptions
+from jaxcap.decode import CaptionSearch, SearchOptions
 from jaxcap.serve.batcher import DynamicBatcher, QueueFull, log
 from jaxcap.serve.limits import (SEARCH_FIELDS, BodyLimit, DecodeBudget, Limits, OptionError,
                                  ServeError, image_share, programs_bound, search_options)
@@ -57,19 +57,62 @@ class Refused(Exception):
         self.status, self.detail, self.headers = status, detail, headers
 
 
-class Service:
-    """What the endpoints share: the run, the batcher, the decoding pools and the health."""
+@dataclasses.dataclass
+class Served:
+    """What a server serves: its default search, how other options get theirs (None: the
+    default's only, as for an exported captioner), its vocabulary, how its images are
+    prepared and what ``/v1/model`` says of it."""
 
-    def __init__(self, run, defaults: SearchOptions, max_batch: int, max_wait_ms: float,
-                 limits: Limits, on_failure=None):
+    default_search: object  # a CaptionSearch, or an exported captioner's
+    make_search: object  # options -> a search, or None
+    vocabulary: object
+    image_size: int
+    resize: str
+    description: dict
+
+    @classmethod
+    def of_run(cls, run, defaults: SearchOptions, max_batch: int) -> "Served":
+        default = CaptionSearch(run.image_model, run.image_variables, run.vocabulary, defaults,
+                                max_batch)
+        config = run.config
+
+        def make_search(options):  # the variables laid out once, shared by every search
+            return CaptionSearch(run.image_model, default.variables, run.vocabulary, options,
+                                 default.max_batch)
+        return cls(default, make_search, run.vocabulary, config.encoder.image_size,
+                   config.encoder.resize, {
+                       "run": run.workdir.name, "checkpoint_step": run.step,
+                       "dataset": config.dataset.name, "decoder_variant": config.decoder.variant,
+                       "encoder": {"stage": config.encoder.stage, "mode": config.encoder.mode}})
+
+    @classmethod
+    def of_export(cls, directory, max_batch: int) -> "Served":
+        from jaxcap.export import ExportedSearch
+
+        search = ExportedSearch(directory, max_batch)
+        about = search.captioner.spec.get("run", {})
+        return cls(search, None, search.vocabulary, search.image_size, search.resize, {
+            "exported": Path(directory).name, "run": about.get("name"),
+            "checkpoint_step": about.get("checkpoint_step"), "dataset": about.get("dataset"),
+            "decoder_variant": about.get("decoder_variant"),
+            "platforms": search.captioner.spec["platforms"]})
+
+
+class Service:
+    """What the endpoints share: what is served, the batcher, the decoding pools and the
+    health."""
+
+    def __init__(self, served: Served, max_wait_ms: float, limits: Limits, on_failure=None):
         limits.check()
-        self.run, self.defaults, self.limits = run, defaults, limits
+        self.served, self.limits = served, limits
+        self.defaults = served.default_search.options
         self.max_wait_ms = max_wait_ms
-        self.batcher = DynamicBatcher(run, defaults, max_batch, max_wait_ms, limits.queue_images,
-                                      limits.cached_searches)
+        self.side, self.resize = served.image_size, served.resize
+        self.batcher = DynamicBatcher(served.default_search, (self.side, self.side, 3),
+                                      max_wait_ms, limits.queue_images, limits.cached_searches,
+                                      served.make_search)
         self.images = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="image")
         self.budget = DecodeBudget(limits.decode_bytes)
-        self.side, self.resize = run.config.encoder.image_size, run.config.encoder.resize
         self.request_ids = itertools.count(1)
         self.failed: str | None = None
         self.on_failure = on_failure
@@ -113,14 +156,12 @@ class Service:
         return 200, {"status": "ready"}
 
     def model(self) -> dict:
-        config, batcher = self.run.config, self.batcher
+        batcher, described = self.batcher, dict(self.served.description)
         return {
-            "run": self.run.workdir.name, "checkpoint_step": self.run.step,
-            "jaxcap_version": __version__, "dataset": config.dataset.name,
-            "decoder_variant": config.decoder.variant,
+            **described, "jaxcap_version": __version__,
             "encoder": {"image_size": self.side, "resize": self.resize,
-                        "stage": config.encoder.stage, "mode": config.encoder.mode},
-            "vocabulary_size": len(self.run.vocabulary),
+                        **described.pop("encoder", {})},
+            "vocabulary_size": len(self.served.vocabulary),
             "devices": [str(device) for device in jax.local_devices()],
             "search_defaults": dataclasses.asdict(self.defaults),
             "batching": {"max_batch": batcher.max_batch, "max_wait_ms": self.max_wait_ms,
@@ -142,9 +183,13 @@ class Service:
             raise Refused(503, f"the service has stopped: {self.failed}")
         fields, files = await self._read(request)
         try:
-            options = search_options(fields, self.defaults, self.limits, len(self.run.vocabulary))
+            options = search_options(fields, self.defaults, self.limits,
+                                     len(self.served.vocabulary))
         except OptionError as error:
             raise Refused(422, str(error)) from None
+        if self.served.make_search is None and options != self.defaults:
+            raise Refused(422, f"this server decodes with one search only (an exported "
+                               f"captioner's): {self.defaults}")
         attention = fields.get("attention", "false").lower() in ("1", "true", "yes", "on")
         deadline = started + self.limits.timeout_s
         pixels, errors = await self._within(deadline, self._decode(files))
@@ -160,7 +205,7 @@ class Service:
                               {"Retry-After": "1"}) from None
             found, rows, batch["id"], batch["images"] = await self._within(deadline, future)
             for row, index in zip(range(rows.start, rows.stop), pixels):
-                results[index] = _result(found, row, files[index][0], self.run.vocabulary,
+                results[index] = _result(found, row, files[index][0], self.served.vocabulary,
                                          attention)
         log.info("request %d images=%d batch=%s (%s images) latency_ms=%.1f", request_id,
                  len(files), batch["id"], batch["images"], 1000 * (time.monotonic() - started))
@@ -222,17 +267,19 @@ def _result(captions, row: int, name: str, vocabulary, attention: bool) -> dict:
     return out
 
 
-def create_app(run, defaults: SearchOptions, max_batch: int = 32, max_wait_ms: float = 10,
-               limits: Limits = Limits(), on_failure=None):
-    """The ASGI application serving ``run`` (FastAPI, wrapped in the body limit).
-    ``on_failure``: called once if the service stops working (``jaxcap serve`` exits)."""
+def create_app(run, defaults: SearchOptions | None = None, max_batch: int = 32,
+               max_wait_ms: float = 10, limits: Limits = Limits(), on_failure=None):
+    """The ASGI application serving ``run`` (a trained run with the ``defaults`` search, or a
+    ``Served``) with FastAPI, wrapped in the body limit. ``on_failure``: called once if the
+    service stops working (``jaxcap serve`` exits)."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import HTMLResponse, JSONResponse
     except ImportError as error:
         raise ServeError(f"jaxcap serve needs FastAPI: pip install 'jaxcap[serve]' "
                          f"({error})") from None
-    service = Service(run, defaults, max_batch, max_wait_ms, limits, on_failure)
+    served = run if isinstance(run, Served) else Served.of_run(run, defaults, max_batch)
+    service = Service(served, max_wait_ms, limits, on_failure)
 
     async def lifespan(app):
         await service.start()
@@ -310,11 +357,23 @@ def limits_of(args) -> Limits:
                   cached_searches=args.cached_searches)
 
 
-def main(args) -> int:
-    """``jaxcap serve``: see ``jaxcap.cli``."""
-    from jaxcap.caption import search_options as command_line_options
+def served_by(args) -> Served:
+    """What the command line asks to serve: a run's best checkpoint, or an exported captioner."""
+    from jaxcap.caption import check_exported_search, search_options as command_line_options
+
+    if args.exported:
+        served = Served.of_export(args.exported, args.max_batch)
+        check_exported_search(args, served.default_search.options)
+        return served
     from jaxcap.runs import load_run
 
+    run = load_run(args.workdir, args.dtype)
+    return Served.of_run(run, command_line_options(args, run.config.eval.max_length),
+                         args.max_batch)
+
+
+def main(args) -> int:
+    """``jaxcap serve``: see ``jaxcap.cli``."""
     check_arguments(args)
     # Its own handler: absl (imported with the data stack) has taken the root logger.
     handler = logging.StreamHandler()
@@ -322,7 +381,7 @@ def main(args) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    run = load_run(args.workdir, args.dtype)
+    served = served_by(args)
     import uvicorn  # present when FastAPI is: both come with jaxcap[serve]
 
     server = None
@@ -330,8 +389,8 @@ def main(args) -> int:
     def stop():
         server.should_exit = True
 
-    app = create_app(run, command_line_options(args, run), args.max_batch, args.max_wait_ms,
-                     limits_of(args), on_failure=stop)
+    app = create_app(served, max_wait_ms=args.max_wait_ms, limits=limits_of(args),
+                     on_failure=stop)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level="warning"))
     server.run()

@@ -67,13 +67,15 @@ class DynamicBatcher:
     """Groups jobs with equal search options into ``CaptionSearch`` calls of at most
     ``max_batch`` images, waiting at most ``max_wait_ms`` for a batch to fill."""
 
-    def __init__(self, run, defaults: SearchOptions, max_batch: int, max_wait_ms: float,
-                 queue_images: int, cached_searches: int = 16):
-        self.run, self.defaults = run, defaults
+    def __init__(self, default_search, input_shape: tuple, max_wait_ms: float,
+                 queue_images: int, cached_searches: int = 16, make_search=None):
+        """``default_search``: the search of the default options (a ``CaptionSearch``, or an
+        exported captioner's); ``make_search(options)`` makes one for other options (None:
+        the default's is the only one); ``input_shape``: one image's."""
+        self.defaults, self._default = default_search.options, default_search
+        self.input_shape, self.make_search = input_shape, make_search
         self.max_wait = max_wait_ms / 1000
         self.queue_images, self.cached_searches = queue_images, cached_searches
-        self._default = CaptionSearch(run.image_model, run.image_variables, run.vocabulary,
-                                      defaults, max_batch)
         self.max_batch = self._default.max_batch
         # program -> the search holding its compiled programs, least recently used first
         self._programs: collections.OrderedDict[tuple, CaptionSearch] = \
@@ -94,7 +96,8 @@ class DynamicBatcher:
 
     def search(self, options: SearchOptions) -> CaptionSearch | None:
         """The search for ``options`` with its programs compiled, or None while they are not."""
-        if options.program == self.defaults.program:
+        if options == self.defaults or options.program == self.defaults.program and \
+                self.make_search is not None:
             return self._default.with_options(options)
         search = self._programs.get(options.program)
         if search is None:
@@ -107,10 +110,6 @@ class DynamicBatcher:
         """The compiled search programs this server holds."""
         return self._default.compiled + sum(s.compiled for s in self._programs.values())
 
-    def _input_shape(self) -> tuple:
-        side = self.run.config.encoder.image_size
-        return (side, side, 3)
-
     async def compile_forever(self) -> None:
         """Compiles, one at a time, the programs that queued jobs are waiting for."""
         loop = asyncio.get_running_loop()
@@ -121,9 +120,8 @@ class DynamicBatcher:
                             and not job.future.done()), None)
             if waiting is None or program in self._programs:
                 continue  # its requests gave up, or it was compiled meanwhile
-            search = CaptionSearch(self.run.image_model, self._default.variables,
-                                   self.run.vocabulary, waiting.options, self.max_batch)
-            await loop.run_in_executor(self.compiler, search.compile, self._input_shape(),
+            search = self.make_search(waiting.options)
+            await loop.run_in_executor(self.compiler, search.compile, self.input_shape,
                                        np.uint8)
             self._programs[program] = search
             dropped = []
@@ -142,7 +140,7 @@ class DynamicBatcher:
         decodes the same captions); returns the bucket sizes."""
         loop = asyncio.get_running_loop()
         search = self._default
-        await loop.run_in_executor(self.compiler, search.compile, self._input_shape(), np.uint8)
+        await loop.run_in_executor(self.compiler, search.compile, self.input_shape, np.uint8)
 
         def timed(pixels):
             started = time.perf_counter()
@@ -150,7 +148,7 @@ class DynamicBatcher:
             return time.perf_counter() - started
 
         for size in search.buckets:
-            pixels = np.zeros((size, *self._input_shape()), np.uint8)
+            pixels = np.zeros((size, *self.input_shape), np.uint8)
             self.bucket_seconds[size] = min([await loop.run_in_executor(
                 self.decoder, timed, pixels) for _ in range(timings)])
         self.ready = True
@@ -190,6 +188,8 @@ class DynamicBatcher:
         job = _Job(pixels, options, time.monotonic(), asyncio.get_running_loop().create_future())
         self._jobs.append(job)
         program = options.program
+        if self.make_search is None and self.search(options) is None:
+            raise ValueError(f"this server decodes with {self.defaults} only")
         if self.search(options) is None and program not in self._queued_programs:
             self._queued_programs.add(program)
             self._wanted.put_nowait(program)
