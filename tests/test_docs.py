@@ -13,7 +13,7 @@ from jaxcap.cli import build_parser
 ROOT = Path(__file__).parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
-CODE_BLOCK = re.compile(r"```[a-z]*\n(.*?)```", re.S)
+CODE_BLOCK = re.compile(r"```([a-z]*)\n(.*?)```", re.S)
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
 COMMAND = re.compile(r"\bjaxcap ([a-z][a-z|-]*)((?: +[^\s|;&#`]+)*)")
 
@@ -30,8 +30,10 @@ def anchors(path: Path) -> set[str]:
 
 
 def _code(text: str) -> list[str]:
-    """The commands written in a document: code blocks (continued lines joined) and spans."""
-    blocks = [block.replace("\\\n", " ") for block in CODE_BLOCK.findall(text)]
+    """The commands written in a document: code blocks but Python's (continued lines
+    joined) and spans."""
+    blocks = [block.replace("\\\n", " ") for language, block in CODE_BLOCK.findall(text)
+              if language != "python"]
     spans = CODE_SPAN.findall(CODE_BLOCK.sub("", text))
     return [line for block in blocks for line in block.splitlines()] + spans
 
