@@ -1,34 +1,49 @@
-"""Beam-search captions/s of jaxcap against PyTorch's per-image (tutorial) and batched searches.
+"""Beam-search captions/s of jaxcap (batch and continuous) against PyTorch's per-image
+(tutorial) and batched searches, on captions whose lengths vary as Flickr8k's do.
 
-Workload: beam 5, 64 images' cached 7x7x2048 features, the training
-benchmark's decoder (vocabulary 3000, embedding 50, hidden and attention 512),
-at most 22 tokens. jaxcap runs ``CaptionSearch`` (all 64 images and their
-beams in one jitted ``while_loop``); PyTorch runs, image by image, the beam
-search of the best-known Show-Attend-Tell tutorial (``caption_image_beam_search``:
-the feature grid copied per beam, the encoder projection recomputed at every
-step, finished beams removed) with the same weights. Randomly initialised
-weights almost never choose ``<end>``, so both searches run all 21 steps:
-the same work on both sides, but for jaxcap's first step, which runs once
-per image rather than once per beam. (The tutorial's code raises when no beam ends;
-the peer here returns the best unfinished beam, as jaxcap does.) The
-tutorial's search recomputes the projection of a 5x49x2048 grid at every
-step, about 6.7x jaxcap's arithmetic per image, so ``ratio_vs_torch`` mostly
-measures that peer; ``ratio_vs_torch_batched`` is against the search a user
-would pick instead (``torch_peers.batched_beam_search``: all images and beams
-in one batch, the projection hoisted, the grid shared between an image's
-beams, the same rules as jaxcap's). All three mask ``<pad>`` and ``<start>``,
-so that they search the same space, and the benchmark reports how many of
-the 64 captions agree. The three are timed in turn, repetition by
-repetition (``common.best_seconds_alternating``).
+Workload: beam 5, 512 images' 7x7x2048 feature grids, the training benchmark's
+decoder (vocabulary 3000, embedding 50, hidden and attention 512), at most 22
+tokens (the ``flickr8k`` config's), randomly initialised but for one LSTM unit
+wired as a step counter (its gates read only their biases, so its cell grows by
+a fixed amount every step from a start ``init_c`` gives each image) that alone
+drives the ``<end>`` logit: each image's captions end after a number of words
+set by its features, about normally distributed with Flickr8k's mean of 12 and
+standard deviation of 4 (the ``<end>`` bias is calibrated to the mean; the
+histogram is printed). Every other word is the random model's.
 
-The opt-in precision: jaxcap with ``dtype=bfloat16`` (products on bfloat16
-operands accumulating in float32, parameters float32) against the batched
-PyTorch search under ``torch.autocast(dtype=bfloat16)``, both reported
-beside the float32 figures, with how many captions each shares with its
-float32 self (random weights make near-ties common, so this counts
-rounding, not quality; quality is measured on trained runs, see docs/variants.md).
+Contenders, all with the same weights and rules (summed log-probability,
+``<pad>`` and ``<start>`` masked, finished beams carried at no cost):
 
-    python benchmarks/decode_bench.py [--images 64] [--repetitions 3]
+* ``continuous``: jaxcap's ``ContinuousSearch``, 64 slots: an image leaves its
+  slot when settled and the next one enters (``jaxcap caption`` and ``evaluate``).
+* ``jaxcap``: ``CaptionSearch`` in batches of 64, each running until its last
+  image settles.
+* ``batched``: PyTorch, the search a user would write (``torch_peers.batched_beam_search``:
+  all beams of a batch in one step, the projection hoisted), in batches of 64,
+  each running until every beam of the batch has ended.
+* ``tutorial``: the best-known Show-Attend-Tell tutorial's ``caption_image_beam_search``,
+  image by image (the feature grid copied per beam, the encoder projection
+  recomputed at every step, finished beams removed), timed on the first
+  ``--tutorial-images`` images: it is the slowest by far. (The tutorial's code
+  raises when no beam ends; the peer here returns the best unfinished beam, as
+  jaxcap does.)
+
+The batch searches run every image of a batch until its longest caption ends;
+the continuous one spends a step only on captions that can still change, which
+is where its lead over ``batched`` comes from beyond the per-step speed. The
+captions are compared: the continuous search's to the batch search's (they must
+be equal) and to the PyTorch peers'.
+
+``--bfloat16`` adds the opt-in precision: jaxcap's continuous search with ``dtype=bfloat16``
+(products on bfloat16 operands accumulating in float32) against the batched
+PyTorch search under ``torch.autocast(dtype=bfloat16)``, with how many captions
+each shares with its float32 self (random weights make near-ties common, so this
+counts rounding, not quality; quality is measured on trained runs). Off by default:
+on a CPU without AVX-512 BF16 or AMX, PyTorch's bfloat16 search takes minutes here.
+Contenders are timed in turn, repetition by repetition
+(``common.best_seconds_alternating``).
+
+    python benchmarks/decode_bench.py [--images 512] [--batch 64] [--repetitions 3] [--bfloat16]
 
 The last line printed is one JSON object of the figures.
 """
@@ -50,6 +65,7 @@ from benchmarks.torch_peers import batched_beam_search  # noqa: E402
 from benchmarks.train_bench import decoder_macs  # noqa: E402
 from jaxcap import configs  # noqa: E402
 from jaxcap.data.text import END_ID, PAD_ID, START_ID, Vocabulary  # noqa: E402
+from jaxcap.continuous import ContinuousSearch  # noqa: E402
 from jaxcap.decode import CaptionSearch, SearchOptions  # noqa: E402
 from jaxcap.models.captioner import build_captioner  # noqa: E402
 
@@ -57,19 +73,93 @@ BEAM, VOCAB, MAX_LENGTH, GRID, FEATURES = 5, 3000, 22, 7, 2048
 EMBED, HIDDEN, ATTENTION = 50, 512, 512
 
 
-def jaxcap_search(images: int, dtype: str = "float32"):
+MEAN_WORDS, SD_WORDS = 12.0, 4.0  # Flickr8k's captions
+COUNTER, COUNT_STEP, END_SLOPE = 0, 0.05, 60.0  # the counting unit, its growth a step, <end>'s gain
+SEARCH = SearchOptions(beam_size=BEAM, max_length=MAX_LENGTH, min_length=0)
+
+
+def vocabulary() -> Vocabulary:
+    return Vocabulary(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)])
+
+
+def grids(images: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((images, GRID, GRID, FEATURES), np.float32)
+
+
+def model_of(dtype: str = "float32"):
     config = configs.load("flickr8k")
     config.dtype = dtype
-    model = build_captioner(config, VOCAB, dict(depth=50, preprocessing="torch"))
-    features = np.random.default_rng(0).standard_normal((images, GRID, GRID, FEATURES),
-                                                         np.float32)
+    return build_captioner(config, VOCAB, dict(depth=50, preprocessing="torch"))
+
+
+def counting(params, end_bias: float):
+    """``params`` (the soft decoder's) with unit ``COUNTER`` of the LSTM counting steps
+    and driving ``<end>``: its gates read their biases only (input, forget and output
+    gates open, the candidate ``COUNT_STEP``), so its cell grows by ``COUNT_STEP`` a step
+    from where ``init_c`` starts it, about ``-COUNT_STEP * N(MEAN_WORDS, SD_WORDS)`` for
+    the benchmark's grids: ``<end>``'s logit, ``END_SLOPE`` times the unit's output plus
+    ``end_bias``, rises past the other words' near the step where the cell crosses 0."""
+    p = jax.tree.map(np.array, params)
+    h, j = HIDDEN, COUNTER
+    gates = [j, h + j, 2 * h + j, 3 * h + j]  # i, f, g, o
+    p["word_gates"]["kernel"][:, gates] = 0
+    p["word_gates"]["bias"][gates] = [12.0, 12.0, np.arctanh(COUNT_STEP), 12.0]
+    p["context_gates"]["kernel"][:, gates] = 0
+    recurrent = [ATTENTION + FEATURES + g for g in gates]
+    p["h_projection"]["kernel"][:, recurrent] = 0
+    p["h_projection"]["bias"][recurrent] = 0
+    # The mean of a grid's 49 standard normal regions has a standard deviation of 1/7 in
+    # each of its FEATURES channels.
+    spread = COUNT_STEP * SD_WORDS / np.sqrt(FEATURES / (GRID * GRID))
+    p["init_c"]["kernel"][:, j] = np.random.default_rng(1).standard_normal(FEATURES) * spread
+    p["init_c"]["bias"][j] = -COUNT_STEP * MEAN_WORDS
+    p["output"]["kernel"][j, :] = 0
+    p["output"]["kernel"][:, END_ID] = 0
+    p["output"]["kernel"][j, END_ID] = END_SLOPE
+    p["output"]["bias"][END_ID] = end_bias
+    return p
+
+
+def words(tokens) -> np.ndarray:
+    """Each caption's words (``<start>``, ``<end>`` and ``<pad>`` not counted)."""
+    return np.sum(np.asarray(tokens) > END_ID, axis=1)
+
+
+def calibrated_variables(model, variables, features, steps: int = 12):
+    """The counting variables whose ``<end>`` bias gives a mean of ``MEAN_WORDS`` words over
+    ``features`` (bisection; the mean falls as the bias rises)."""
+    low, high = -40.0, 40.0
+    for _ in range(steps):
+        middle = (low + high) / 2
+        trial = {**variables, "params": {**variables["params"], "decoder": counting(
+            variables["params"]["decoder"], middle)}}
+        found = CaptionSearch(model, trial, vocabulary(), SEARCH, max_batch=len(features))
+        low, high = ((middle, high) if words(found(features).tokens).mean() > MEAN_WORDS
+                     else (low, middle))
+    return trial
+
+
+def jaxcap_variables(images: int):
+    """The model's float32 variables, calibrated on the first 64 of ``images`` grids, and
+    the grids."""
+    model, features = model_of(), grids(images)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), features[:1],
                                     np.zeros((1, 3), np.int32))
-    vocabulary = Vocabulary(["<pad>", "<start>", "<end>", "<unk>"] +
-                            [f"w{i}" for i in range(VOCAB - 4)])
-    search = CaptionSearch(model, variables, vocabulary,
-                           SearchOptions(beam_size=BEAM, max_length=MAX_LENGTH, min_length=0),
-                           max_batch=images)
+    return calibrated_variables(model, variables, features[:64]), features
+
+
+def jaxcap_search(images: int, dtype: str = "float32", batch: int | None = None,
+                  continuous: bool = False, variables=None):
+    """``(search, the decoder's params, features)``: ``CaptionSearch`` (``max_batch``
+    ``batch``, default all the images), or ``ContinuousSearch`` with ``batch`` slots."""
+    if variables is None:
+        variables, features = jaxcap_variables(images)
+    else:
+        features = grids(images)
+    model, batch = model_of(dtype), batch or images
+    search = (ContinuousSearch(model, variables, vocabulary(), SEARCH, slots=batch)
+              if continuous else
+              CaptionSearch(model, variables, vocabulary(), SEARCH, max_batch=batch))
     return search, variables["params"]["decoder"], features
 
 
@@ -157,77 +247,111 @@ def beam_flops_per_caption(steps: int = MAX_LENGTH - 1, beam: int = BEAM) -> flo
     return 2.0 * (once + (1 + (steps - 1) * beam) * per_step)
 
 
+def histogram(counts: np.ndarray) -> str:
+    """The captions' word counts, one line a count."""
+    values, frequency = np.unique(counts, return_counts=True)
+    scale = 60 / frequency.max()
+    return "\n".join(f"{v:3d} words {n:4d} {'#' * max(1, round(n * scale))}"
+                     for v, n in zip(values, frequency))
+
+
+def _same(a, b) -> int:
+    """How many rows of two token arrays hold the same caption (``<pad>`` ignored)."""
+    strip = lambda row: [int(t) for t in row if t != PAD_ID]  # noqa: E731
+    return sum(strip(x) == strip(y) for x, y in zip(a, b))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=64,
+                        help="images a batch (jaxcap's and PyTorch's), and the slots")
+    parser.add_argument("--tutorial-images", type=int, default=32)
     parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--bfloat16", action="store_true",
+                        help="also time both searches in bfloat16")
     args = parser.parse_args()
     import torch
 
     info = machine()
     print(f"machine: {machine_line(info)}", file=sys.stderr)
     peak = matmul_gflops()
-    search, params, features = jaxcap_search(args.images)
-    search_bf16 = jaxcap_search(args.images, "bfloat16")[0]
-    decoder = torch_decoder(params)
+    variables, features = jaxcap_variables(args.images)
+    searches = {name: jaxcap_search(args.images, dtype, args.batch, continuous, variables)[0]
+                for name, dtype, continuous in (("continuous", "float32", True),
+                                                ("jaxcap", "float32", False),
+                                                ("continuous_bf16", "bfloat16", True))
+                if args.bfloat16 or dtype == "float32"}
+    decoder = torch_decoder(variables["params"]["decoder"])
     torch_features = torch.from_numpy(features)
     result = {}
 
-    def run_jaxcap():
-        result["jaxcap"] = search(features)
+    def jaxcap_run(name):
+        def run():
+            result[name] = searches[name](features).tokens
+        return run
 
-    def run_jaxcap_bf16():
-        result["jaxcap_bf16"] = search_bf16(features)
+    def batched_run(name, bf16: bool):
+        def run():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                result[name] = torch.cat([batched_beam_search(
+                    decoder, torch_features[i:i + args.batch], BEAM, MAX_LENGTH,
+                    (PAD_ID, START_ID), START_ID, END_ID, PAD_ID)
+                    for i in range(0, args.images, args.batch)]).numpy()
+        return run
 
     def run_tutorial():
         with torch.no_grad():
-            result["torch"] = [tutorial_beam_search(decoder, torch_features[i], BEAM, MAX_LENGTH)
-                               for i in range(args.images)]
+            result["tutorial"] = [tutorial_beam_search(decoder, torch_features[i], BEAM,
+                                                       MAX_LENGTH)
+                                  for i in range(args.tutorial_images)]
 
-    def run_batched():
-        with torch.no_grad():
-            result["batched"] = batched_beam_search(decoder, torch_features, BEAM, MAX_LENGTH,
-                                                    (PAD_ID, START_ID), START_ID, END_ID, PAD_ID)
-
-    def run_batched_bf16():
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            result["batched_bf16"] = batched_beam_search(
-                decoder, torch_features, BEAM, MAX_LENGTH, (PAD_ID, START_ID), START_ID, END_ID,
-                PAD_ID)
-
-    seconds = best_seconds_alternating(
-        {"jaxcap": run_jaxcap, "tutorial": run_tutorial, "batched": run_batched,
-         "jaxcap_bf16": run_jaxcap_bf16, "batched_bf16": run_batched_bf16}, args.repetitions)
-    ours, theirs, batched, ours_bf16, batched_bf16 = (
-        args.images / seconds[name]
-        for name in ("jaxcap", "tutorial", "batched", "jaxcap_bf16", "batched_bf16"))
-    jaxcap_tokens = [[int(t) for t in row if t != PAD_ID] for row in result["jaxcap"].tokens]
-    same = sum(a == b for a, b in zip(jaxcap_tokens, result["torch"]))
-    batched_tokens = [[int(t) for t in row if t != PAD_ID] for row in result["batched"].tolist()]
-    same_batched = sum(a == b for a, b in zip(jaxcap_tokens, batched_tokens))
-    same_bf16 = sum(a == [int(t) for t in b if t != PAD_ID]
-                    for a, b in zip(jaxcap_tokens, result["jaxcap_bf16"].tokens))
-    same_torch_bf16 = sum(a == [int(t) for t in b if t != PAD_ID]
-                          for a, b in zip(batched_tokens, result["batched_bf16"].tolist()))
-    steps = float(np.mean([len(row) - 1 for row in jaxcap_tokens]))
+    runs = {"continuous": jaxcap_run("continuous"), "jaxcap": jaxcap_run("jaxcap"),
+            "batched": batched_run("batched", False), "tutorial": run_tutorial}
+    if args.bfloat16:
+        runs.update(continuous_bf16=jaxcap_run("continuous_bf16"),
+                    batched_bf16=batched_run("batched_bf16", True))
+    seconds = best_seconds_alternating(runs, args.repetitions)
+    rate = {name: (args.tutorial_images if name == "tutorial" else args.images) / value
+            for name, value in seconds.items()}
+    counts = words(result["continuous"])
+    print(f"caption lengths (continuous search, {args.images} images):\n{histogram(counts)}",
+          file=sys.stderr)
+    tutorial_tokens = np.full((args.tutorial_images, MAX_LENGTH), PAD_ID)
+    for row, caption in enumerate(result["tutorial"]):
+        tutorial_tokens[row, :len(caption)] = caption
+    steps = float(np.mean(counts)) + 1  # words and <end>
     flops = beam_flops_per_caption(int(round(steps)))
+    n = args.images
     figures = dict(
-        jaxcap_captions_per_s=round(ours, 1), torch_captions_per_s=round(theirs, 2),
-        ratio_vs_torch=round(ours / theirs, 1), same_captions=f"{same}/{args.images}",
-        torch_batched_captions_per_s=round(batched, 1),
-        ratio_vs_torch_batched=round(ours / batched, 2),
-        same_captions_batched=f"{same_batched}/{args.images}",
-        jaxcap_bf16_captions_per_s=round(ours_bf16, 1),
-        torch_batched_bf16_captions_per_s=round(batched_bf16, 1),
-        bf16_ratio_vs_torch_batched_f32=round(ours_bf16 / batched, 2),
-        bf16_ratio_vs_torch_batched_bf16=round(ours_bf16 / batched_bf16, 2),
-        bf16_same_captions_as_f32=f"{same_bf16}/{args.images}",
-        torch_bf16_same_captions_as_f32=f"{same_torch_bf16}/{args.images}",
-        decoder_steps_per_caption=round(steps, 1), matmul_gflops=round(peak, 1),
-        gflops_per_caption=round(flops / 1e9, 2),
-        share_of_matmul_peak=round(ours * flops / (peak * 1e9), 3),
-        beam=BEAM, images=args.images, vocab=VOCAB, max_length=MAX_LENGTH,
-        jax=jax.__version__, torch=torch.__version__, **info)
+        continuous_captions_per_s=round(rate["continuous"], 1),
+        jaxcap_captions_per_s=round(rate["jaxcap"], 1),
+        torch_batched_captions_per_s=round(rate["batched"], 1),
+        torch_captions_per_s=round(rate["tutorial"], 2),
+        ratio_vs_torch_batched=round(rate["continuous"] / rate["batched"], 2),
+        batch_search_ratio_vs_torch_batched=round(rate["jaxcap"] / rate["batched"], 2),
+        continuous_over_batch_search=round(rate["continuous"] / rate["jaxcap"], 2),
+        ratio_vs_torch=round(rate["continuous"] / rate["tutorial"], 1),
+        same_captions_as_batch_search=f"{_same(result['continuous'], result['jaxcap'])}/{n}",
+        same_captions_batched=f"{_same(result['continuous'], result['batched'])}/{n}",
+        same_captions=(f"{_same(result['continuous'][:args.tutorial_images], tutorial_tokens)}"
+                       f"/{args.tutorial_images}"),
+        words_mean=round(float(np.mean(counts)), 2), words_sd=round(float(np.std(counts)), 2),
+        matmul_gflops=round(peak, 1), gflops_per_caption=round(flops / 1e9, 2),
+        share_of_matmul_peak=round(rate["continuous"] * flops / (peak * 1e9), 3),
+        beam=BEAM, images=n, batch=args.batch, tutorial_images=args.tutorial_images,
+        vocab=VOCAB, max_length=MAX_LENGTH, jax=jax.__version__, torch=torch.__version__,
+        **info)
+    if args.bfloat16:
+        figures.update(
+            continuous_bf16_captions_per_s=round(rate["continuous_bf16"], 1),
+            torch_batched_bf16_captions_per_s=round(rate["batched_bf16"], 1),
+            bf16_ratio_vs_torch_batched_bf16=round(rate["continuous_bf16"] /
+                                                   rate["batched_bf16"], 2),
+            bf16_same_captions_as_f32=(f"{_same(result['continuous_bf16'], result['continuous'])}"
+                                       f"/{n}"),
+            torch_bf16_same_captions_as_f32=(f"{_same(result['batched_bf16'], result['batched'])}"
+                                             f"/{n}"))
     print(json.dumps(figures))
 
 

@@ -2,9 +2,10 @@
 
 The run directory says everything: the best checkpoint, the vocabulary, the
 encoder and how its images were prepared (size, resize policy,
-normalisation). Images are decoded by a thread pool, captioned in batches
-with ``CaptionSearch`` (one compilation per bucket size, all local devices)
-and written as JSON lines ``{"image", "caption", "score"}`` in the order
+normalisation). Images are decoded by a thread pool and captioned through
+``ContinuousSearch``'s slots (``--batch-size`` of them, on all local devices: an
+image that is captioned leaves its slot to the next one), and written as JSON
+lines ``{"image", "caption", "score"}`` in the order
 given. An unusable file is reported on stderr with the reason and skipped.
 
 ``--attention-dir`` adds one PNG per image in the Show, Attend and Tell style:
@@ -24,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jaxcap.decode import CaptionSearch, SearchOptions
+from jaxcap.continuous import ContinuousSearch
+from jaxcap.decode import SearchOptions
 from jaxcap.data.images import load_or_reason
 from jaxcap.errors import UserError
 from jaxcap.extract import list_images
@@ -107,40 +109,42 @@ def _figure_names(names: list[str]) -> dict[str, str]:
 def caption_images(search, size: int, resize: str, images: list[tuple[str, Path]],
                    batch_size: int = 64, attention_dir: str | os.PathLike | None = None,
                    write=print, report=None, workers: int = 8) -> tuple[int, int]:
-    """Captions ``images`` in order with ``search`` (a ``CaptionSearch``, or an exported
-    captioner's), prepared at ``size`` by ``resize``, ``write``-ing one JSON line each;
-    returns (done, skipped). Unusable files go to ``report(name, reason)`` and are skipped.
+    """Captions ``images`` in order with ``search`` (a ``ContinuousSearch``, a
+    ``CaptionSearch`` or an exported captioner's: anything with ``stream``), prepared at
+    ``size`` by ``resize``, ``write``-ing one JSON line each; returns (done, skipped). Unusable files go to ``report(name, reason)`` and are skipped.
     """
     report = report or (lambda name, reason: print(f"skipped {name}: {reason}", file=sys.stderr))
     figures = _figure_names([name for name, _ in images])
     if attention_dir is not None:
         attention_dir = Path(attention_dir)
         attention_dir.mkdir(parents=True, exist_ok=True)
-    done = skipped = 0
+    done, skipped = 0, [0]
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            loaded = list(pool.map(lambda item: load_or_reason(item[1], size, resize), chunk))
-            usable = []
-            for (name, path), (pixels, error, _) in zip(chunk, loaded):
-                if error is None:
-                    usable.append((name, path, pixels))
-                else:
-                    report(name, error)
-                    skipped += 1
-            if not usable:
-                continue
-            captions = search(np.stack([pixels for _, _, pixels in usable]))
-            for row, (name, path, _) in enumerate(usable):
-                write(json.dumps({"image": name, "caption": captions.texts[row],
-                                  "score": float(captions.scores[row])}))
-                if attention_dir is not None:
-                    words = captions.texts[row].split()
-                    picture, _, _ = load_or_reason(path, PANEL, resize)  # what the model saw, sharper
-                    attention_figure(picture, words, captions.alphas[row, :len(words)]).save(
-                        attention_dir / figures[name])
-            done += len(usable)
-    return done, skipped
+        readable = _readable(images, size, resize, pool, batch_size, report, skipped)
+        for (name, path), tokens, score, alphas in search.stream(readable):
+            text = search.vocabulary.decode(tokens)
+            write(json.dumps({"image": name, "caption": text, "score": float(score)}))
+            if attention_dir is not None:
+                words = text.split()
+                picture, _, _ = load_or_reason(path, PANEL, resize)  # what the model saw, sharper
+                attention_figure(picture, words, alphas[:len(words)]).save(
+                    attention_dir / figures[name])
+            done += 1
+    return done, skipped[0]
+
+
+def _readable(images, size: int, resize: str, pool, ahead: int, report, skipped):
+    """``((name, path), pixels)`` of every usable image, decoded ``ahead`` at a time by
+    ``pool``; the others go to ``report`` and are counted in ``skipped[0]``."""
+    for start in range(0, len(images), ahead):
+        chunk = images[start:start + ahead]
+        for (name, path), (pixels, error, _) in zip(chunk, pool.map(
+                lambda item: load_or_reason(item[1], size, resize), chunk)):
+            if error is None:
+                yield (name, path), pixels
+            else:
+                report(name, error)
+                skipped[0] += 1
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -190,9 +194,10 @@ def _search(args):
         check_exported_search(args, search.options)
         return search, search.image_size, search.resize, args.exported
     run = load_run(args.workdir, args.dtype)
-    search = CaptionSearch(run.image_model, run.image_variables, run.vocabulary,
-                           search_options(args, run.config.eval.max_length),
-                           max_batch=args.batch_size)
+    # Through slots: an image that is captioned leaves its slot to the next one.
+    search = ContinuousSearch(run.image_model, run.image_variables, run.vocabulary,
+                              search_options(args, run.config.eval.max_length),
+                              slots=args.batch_size)
     config = run.config
     return (search, config.encoder.image_size, config.encoder.resize,
             f"{run.workdir} (step {run.step})")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -49,13 +50,15 @@ def word_logp(logits):
 
 
 def _next_word_logp(logits, tokens, t, min_length: int, no_repeat_ngram: int):
-    """Log-probabilities (R, V) of the word at position ``t`` after ``tokens[:, :t]``.
+    """Log-probabilities (R, V) of the word at position ``t`` after ``tokens[:, :t]``
+    (``t``: one position for every row, or one per row).
 
     ``<pad>`` and ``<start>`` are never words; ``<end>`` is barred before
     ``min_length`` words; a word that would repeat an n-gram is barred. When
     blocking bars every word, ``<end>`` stays open, so a caption always ends.
     """
     vocab = jnp.arange(logits.shape[-1])
+    t = jnp.broadcast_to(jnp.asarray(t), logits.shape[:1])[:, None]  # (R, 1)
     model_logp = word_logp(logits)
     logp = jnp.where((t <= min_length) & (vocab == END_ID), -jnp.inf, model_logp)
     if no_repeat_ngram:
@@ -67,11 +70,14 @@ def _next_word_logp(logits, tokens, t, min_length: int, no_repeat_ngram: int):
 
 
 def _repeats_ngram(tokens, t, n: int, vocab_size: int):
-    """(R, V): True where word v at position ``t`` would repeat an n-gram of ``tokens[:, :t]``."""
+    """(R, V): True where word v at position ``t`` (R, 1) would repeat an n-gram of
+    ``tokens[:, :t]``."""
     rows, length = tokens.shape
     starts = jnp.arange(length - n + 1)
     grams = tokens[:, starts[:, None] + jnp.arange(n)]  # (R, S, n): every n-gram position
-    suffix = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(t - n + 1, 0), n - 1, axis=1)
+    # The n - 1 words before t (the window held inside the row, as a dynamic slice would).
+    first = jnp.clip(t - n + 1, 0, length - (n - 1))
+    suffix = jnp.take_along_axis(tokens, first + jnp.arange(n - 1), axis=1)
     # An earlier n-gram lies wholly before t (s + n - 1 <= t - 1) and starts with the suffix.
     match = jnp.all(grams[:, :, :-1] == suffix[:, None, :], axis=-1) & (starts <= t - n)
     return jnp.zeros((rows, vocab_size), bool).at[
@@ -390,6 +396,16 @@ def search_function(model: Captioner, options: SearchOptions):
     return search
 
 
+def stream_in_chunks(decode, items, size: int, first_index: int = 0):
+    """``(key, tokens, score, alphas)`` of every ``(key, input)`` of ``items``, decoded
+    ``size`` at a time by ``decode(inputs, first_index) -> (tokens, scores, alphas)``."""
+    items = iter(items)
+    while chunk := list(itertools.islice(items, size)):
+        keys, inputs = zip(*chunk)
+        yield from zip(keys, *decode(np.stack(inputs), first_index))
+        first_index += len(chunk)
+
+
 class CaptionSearch:
     """Captions batches of any size with one compilation per bucket size, on all local devices.
 
@@ -420,6 +436,11 @@ class CaptionSearch:
 
     def bucket(self, count: int) -> int:
         return next(size for size in self.buckets if size >= count)
+
+    def stream(self, items, first_index: int = 0):
+        """``(key, tokens, score, alphas)`` of every ``(key, input)`` of ``items``, in order,
+        ``max_batch`` at a time."""
+        return stream_in_chunks(self._chunk, items, self.max_batch, first_index)
 
     def __call__(self, inputs: np.ndarray, first_index: int = 0) -> Captions:
         parts = [self._chunk(inputs[start:start + self.max_batch], first_index + start)

@@ -1,11 +1,11 @@
 """``jaxcap evaluate``: decode a split with a trained run and score it the way papers do.
 
 The split is read through the same pipeline as training's validation (cached
-features or images, as the run was trained), decoded with ``CaptionSearch``
-(beam search by default) and scored by ``jaxcap.metrics``: BLEU-1..4, METEOR,
-ROUGE-L and CIDEr-D; on ``shapes`` also content accuracy and attention
-correctness, on the split and on the ``novel`` split (colour-shape pairs never
-seen in training).
+features or images, as the run was trained), decoded as one stream through
+``ContinuousSearch``'s slots (beam search by default) and scored by
+``jaxcap.metrics``: BLEU-1..4, METEOR, ROUGE-L and CIDEr-D; on ``shapes`` also
+content accuracy and attention correctness, on the split and on the ``novel``
+split (colour-shape pairs never seen in training).
 
 Writes ``RUN_DIR/eval_SPLIT.json`` (every figure and the search settings) and
 ``RUN_DIR/captions_SPLIT.json`` in the COCO results format
@@ -20,7 +20,8 @@ import sys
 
 import jax
 
-from jaxcap.decode import CaptionSearch, SearchOptions
+from jaxcap.continuous import ContinuousSearch
+from jaxcap.decode import SearchOptions
 from jaxcap.files import write_json_atomic
 from jaxcap.metrics import COCO_METRICS, caption_metrics, grounded_metrics, java_available
 from jaxcap.runs import RunError, TrainedRun, load_run
@@ -66,16 +67,17 @@ def decode_split(run: TrainedRun, split: str, options: SearchOptions,
     features = (None if run.reads_images else
                 prepare_features(config, built, run.workdir / "encoder", split))
     batches = Batcher(source, run.vocabulary, options_eval, features)
-    search = CaptionSearch(run.model, run.variables, run.vocabulary, options,
-                           max_batch=options_eval.batch_size)
+    # The split as one stream through the slots: an image that is captioned leaves its
+    # slot to the next one, across the pipeline's batches.
+    search = ContinuousSearch(run.model, run.variables, run.vocabulary, options,
+                              slots=options_eval.batch_size)
+    rows = ((int(image), inputs) for batch in batches.epoch(0)
+            for image, weight, inputs in zip(batch["image_index"], batch["weights"],
+                                             model_inputs(batch)) if weight)
     decoded = {}
-    for batch in batches.epoch(0):
-        out = search(model_inputs(batch))
-        for row, (image, weight) in enumerate(zip(batch["image_index"], batch["weights"])):
-            if weight:
-                words = len(out.texts[row].split())
-                decoded[int(image)] = (out.texts[row], float(out.scores[row]),
-                                       out.alphas[row, :words])
+    for image, tokens, score, alphas in search.stream(rows):
+        text = run.vocabulary.decode(tokens)
+        decoded[image] = (text, float(score), alphas[:len(text.split())])
     index = batches.index
     order = sorted(decoded)
     assert order == list(range(len(index))), "every image is decoded once"

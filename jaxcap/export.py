@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxcap import __version__, exported
 from jaxcap.data.text import Vocabulary
-from jaxcap.decode import Captions, SearchOptions, search_function
+from jaxcap.decode import Captions, SearchOptions, search_function, stream_in_chunks
 from jaxcap.errors import UserError
 from jaxcap.exported import FORMAT
 from jaxcap.files import write_text_atomic
@@ -153,13 +153,17 @@ class ExportedSearch:
     def compiled(self) -> int:
         return len(self._compiled)
 
+    def _chunk(self, chunk: np.ndarray, first_index: int = 0):
+        padded = np.concatenate([chunk, np.repeat(chunk[:1], self.bucket(len(chunk)) -
+                                                  len(chunk), axis=0)])
+        return tuple(x[:len(chunk)] for x in self.captioner(padded))
+
+    def stream(self, items, first_index: int = 0):
+        return stream_in_chunks(self._chunk, items, self.max_batch, first_index)
+
     def __call__(self, inputs: np.ndarray, first_index: int = 0) -> Captions:
-        parts = []
-        for start in range(0, len(inputs), self.max_batch):
-            chunk = inputs[start:start + self.max_batch]
-            padded = np.concatenate([chunk, np.repeat(chunk[:1], self.bucket(len(chunk)) -
-                                                      len(chunk), axis=0)])
-            parts.append(tuple(x[:len(chunk)] for x in self.captioner(padded)))
+        parts = [self._chunk(inputs[start:start + self.max_batch])
+                 for start in range(0, len(inputs), self.max_batch)]
         tokens, scores, alphas = (np.concatenate(arrays) for arrays in zip(*parts))
         return Captions(tokens, [self.vocabulary.decode(row) for row in tokens], scores, alphas)
 
