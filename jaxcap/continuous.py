@@ -10,8 +10,8 @@ A step is then never spent on a caption that can no longer change, save at most
 settles. The shapes stay static (the slots, the chunk, the images admitted at once), so
 the program compiles once.
 
-``ContinuousSearch`` is ``CaptionSearch`` over a stream: the encoder runs on the images
-as slots free up for them, the decoder through the slots; captions, scores and attention
+``ContinuousSearch`` is ``CaptionSearch`` over a stream: the images are read, encoded
+and started in blocks as slots free up for them, then decoded through the slots; captions, scores and attention
 come back in the images' order, the same as ``CaptionSearch``'s for every image, whatever
 the slot count, the chunk or the order of the images (tested).
 """
@@ -19,6 +19,7 @@ the slot count, the chunk or the order of the images (tested).
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import flax
@@ -180,8 +181,8 @@ def _emit(slots: Slots, length_penalty):
                                              "no_repeat_ngram", "chunk"), donate_argnums=(2,))
 def advance(model: Captioner, variables, slots: Slots, started, images, count, arguments,
             *, sampling: bool, max_length: int, no_repeat_ngram: int, chunk: int):
-    """Admits the first ``count`` of the images ``started`` (``_start``'s ``(context,
-    carry)``, A rows; ``images`` (A,) their indices in the stream) into free slots, runs
+    """Admits the first ``count`` of the images ``started`` (their ``start`` state, ``(context,
+    carry)`` of A rows; ``images`` (A,) their indices in the stream) into free slots, runs
     ``chunk`` steps, and returns ``(slots, emitted)``: ``_emit``'s. ``arguments``: the
     search's traced options ``(seed, min_length, temperature, top_k, length_penalty)``."""
     seed, min_length, temperature, top_k, length_penalty = arguments
@@ -197,30 +198,16 @@ def advance(model: Captioner, variables, slots: Slots, started, images, count, a
     return _emit(slots.replace(context=context), length_penalty)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length", "rows"))
-def _start(model: Captioner, variables, grids, *, max_length: int, rows: int):
-    """``start``'s ``(context, carry)`` of ``grids`` (a bucket of the images entering),
-    padded with zeros to ``rows``: the padding costs a copy, not the start run (the grids'
-    projection, as much as a step of every slot for a few dozen images)."""
-    started = model.apply(variables, grids, max_length, method=Captioner.start)
-    return jax.tree.map(lambda x: jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-                        if x.ndim else x, started)
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _features(model: Captioner, variables, inputs):
-    return model.apply(variables, inputs, method=Captioner.features)
-
-
-def _buckets(most: int) -> list[int]:
-    """The sizes a block of entering images is padded to: powers of two, and ``most``."""
-    return sorted({*(2 ** i for i in range(most.bit_length()) if 2 ** i < most), most})
+@functools.partial(jax.jit, static_argnames=("model", "max_length"))
+def _start(model: Captioner, variables, inputs, *, max_length: int):
+    """``start``'s ``(context, carry)`` of a block of inputs (images: the encoder first)."""
+    return model.apply(variables, inputs, max_length, method=Captioner.start)
 
 
 class ContinuousSearch:
     """Captions a stream of images through ``slots`` slots, ``chunk`` steps between the
     boundaries where finished images leave and waiting ones enter (at most ``admit`` at a
-    time, all of them at the first). Same interface and results as ``CaptionSearch``."""
+    time). Same interface and results as ``CaptionSearch``."""
 
     def __init__(self, model: Captioner, variables, vocabulary, options: SearchOptions,
                  slots: int = 64, chunk: int = 4, admit: int | None = None):
@@ -229,7 +216,7 @@ class ContinuousSearch:
         # Enough to refill the slots as fast as short captions free them.
         self.admit = min(slots, admit or max(1, slots // 2))
         self.variables = variables
-        # The decoder runs on the encoder's grids: the encoder is applied as images enter.
+        # The steps run on the started state: the encoder's variables stay out of them.
         self.decoder = Captioner(model.decoder)
         self.decoder_variables = {collection: {"decoder": tree["decoder"]}
                                   for collection, tree in variables.items() if "decoder" in tree}
@@ -240,19 +227,30 @@ class ContinuousSearch:
         self.static = dict(sampling=o.temperature > 0, max_length=o.max_length,
                            no_repeat_ngram=o.no_repeat_ngram, chunk=chunk)
 
-    def _started(self, block: np.ndarray, rows: int):
-        """``start``'s state of the images ``block`` (inputs), in ``rows`` rows: the encoder
-        and the start run see the smallest bucket that holds them."""
-        bucket = next(size for size in _buckets(rows) if size >= len(block))
-        padded = np.concatenate([block, np.repeat(block[:1], bucket - len(block), axis=0)])
-        grids = (jnp.asarray(padded) if self.model.encoder is None else
-                 _features(self.model, self.variables, padded))
-        return _start(self.decoder, self.decoder_variables, grids,
-                      max_length=self.options.max_length, rows=rows)
+    def _start_block(self, block: list) -> list:
+        """Each input of ``block`` (at most ``admit``) as the leaves of its ``start`` state
+        (None for a leaf that is not per image). The block runs as one padded block of
+        ``admit``: one program for the encoder and the start run, however images arrive,
+        and each image's grid projected once."""
+        padded = np.stack(block + block[:1] * (self.admit - len(block)))
+        leaves, self._treedef = jax.tree.flatten(_start(
+            self.model, self.variables, padded, max_length=self.options.max_length))
+        leaves = [np.asarray(x) for x in leaves]
+        self._constants = [None if x.ndim else x for x in leaves]
+        return [[x[i] if x.ndim else None for x in leaves] for i in range(len(block))]
 
-    def _empty(self, first: np.ndarray) -> Slots:
-        """Free slots of the right shapes (their contents never read), from one input."""
-        context, carry = self._started(first[None], self.slots)
+    def _stacked(self, entries: list, rows: int):
+        """The ``(context, carry)`` of ``entries`` (``_start_block``'s) in ``rows`` rows,
+        zeros after them."""
+        leaves = [constant if constant is not None else np.concatenate([
+            np.stack([entry[i] for entry in entries]),
+            np.zeros((rows - len(entries), *entries[0][i].shape), entries[0][i].dtype)])
+            for i, constant in enumerate(self._constants)]
+        return jax.tree.unflatten(self._treedef, leaves)
+
+    def _empty(self, entry: list) -> Slots:
+        """Free slots of the right shapes (their contents never read), from one entry."""
+        context, carry = self._stacked([entry], self.slots)
         k, count, length = self.beams, self.slots, self.options.max_length
         regions = jax.eval_shape(lambda: self.decoder.apply(
             self.decoder_variables, context, carry, jnp.zeros(count, jnp.int32),
@@ -299,31 +297,29 @@ class ContinuousSearch:
         iterable, read as slots free up for it), in the order of ``items``. Image i of the
         stream samples from ``fold_in(PRNGKey(seed), first_index + i)``."""
         items = iter(items)
-        slots, idle, waiting, keys, finished = None, None, [], {}, {}
+        slots, idle, ready, keys, finished = None, None, [], {}, {}
         free, entered, given, exhausted = self.slots, 0, 0, False
         while True:
-            rows = self.slots if slots is None else self.admit  # all of them at first
-            while len(waiting) < min(free, rows) and not exhausted:
-                item = next(items, None)
-                exhausted = item is None
-                waiting += [] if exhausted else [item]
-            count = min(free, rows, len(waiting))
-            if not waiting and given == entered:
+            if len(ready) < min(free, self.admit) and not exhausted:
+                block = list(itertools.islice(items, self.admit))
+                exhausted = len(block) < self.admit
+                if block:
+                    names, inputs = zip(*block)
+                    ready += zip(names, self._start_block(list(inputs)))
+            count = min(free, self.admit, len(ready))
+            if not ready and given == entered:
                 return  # every image that entered has been given back, and none waits
             if slots is None:
-                example = waiting[0][1]  # an input, for the shapes
-                slots = self._empty(example)
-            if count:
-                started = self._started(np.stack([data for _, data in waiting[:count]]), rows)
-            else:  # only steps: the slots' images are still being decoded
-                idle = self._started(example[None], rows) if idle is None else idle
-                started = idle
-            images = np.arange(first_index + entered, first_index + entered + rows,
+                slots = self._empty(ready[0][1])
+                idle = self._stacked([ready[0][1]], self.admit)  # for boundaries with no entry
+            started = (self._stacked([entry for _, entry in ready[:count]], self.admit)
+                       if count else idle)
+            images = np.arange(first_index + entered, first_index + entered + self.admit,
                                dtype=np.int32)
             slots, emitted = advance(self.decoder, self.decoder_variables, slots, started,
                                      images, np.int32(count), self.arguments, **self.static)
-            keys.update({entered + i: key for i, (key, _) in enumerate(waiting[:count])})
-            entered, free, waiting = entered + count, free - count, waiting[count:]
+            keys.update({entered + i: key for i, (key, _) in enumerate(ready[:count])})
+            entered, free, ready = entered + count, free - count, ready[count:]
             image, tokens, scores, alphas = (np.asarray(x) for x in emitted)
             for row in np.flatnonzero(image >= 0):
                 finished[int(image[row]) - first_index] = (tokens[row], scores[row], alphas[row])
