@@ -9,7 +9,10 @@ bfloat16 operands accumulating in float32; parameters float32), against the
 PyTorch peer on the same device where PyTorch can reach it (CPU; CUDA GPUs
 with a CUDA build of PyTorch): channels-last ResNet-50, the tutorial's decoder
 trained with the projection hoisted, the batched beam search; in bfloat16
-under ``torch.autocast``.
+under ``torch.autocast``. Decoding is timed twice on captions of Flickr8k's
+lengths: one batch in one call (``decode``), and a stream of 8 batches through
+as many slots as a batch has images, the continuous search against the
+batched peer batch by batch (``decode_stream``).
 
 Per row: throughput, the peer's and the ratio; the model FLOP/s achieved (the
 FLOPs each benchmark counts as the work done); its share of the matmul rate
@@ -111,36 +114,52 @@ def train_rows(batches, steps, peer, repetitions):
                        flops_per_item=train_bench.train_flops_per_caption(decoder_steps))
 
 
+# The continuous search's workload: a stream of this many batches' images through a
+# batch's worth of slots, against the batched peer in batches of that size.
+STREAM_BATCHES = 8
+
+
 def decode_rows(batches, peer, repetitions):
+    """``decode``: one batch in one call (``CaptionSearch``); ``decode_stream``:
+    ``STREAM_BATCHES`` batches through as many slots as a batch has images
+    (``ContinuousSearch``). Captions of Flickr8k's lengths (``decode_bench``)."""
     from benchmarks.torch_peers import batched_beam_search
     from jaxcap.data.text import END_ID, PAD_ID, START_ID
 
     for images in batches:
-        runs, found = {}, {}
-        for dtype in ("float32", "bfloat16"):
-            search, params, features = decode_bench.jaxcap_search(images, dtype)
-            runs[f"jaxcap_{dtype}"] = (lambda s=search, f=features, d=dtype:
-                                       found.__setitem__(d, s(f)))
-        if peer:
-            import torch
-
-            decoder = decode_bench.torch_decoder(params).to(peer)
-            grid = torch.from_numpy(features).to(peer)
+        variables, _ = decode_bench.jaxcap_variables(STREAM_BATCHES * images)
+        for benchmark, count, continuous in (("decode", images, False),
+                                             ("decode_stream", STREAM_BATCHES * images, True)):
+            runs, found = {}, {}
             for dtype in ("float32", "bfloat16"):
-                def run(bf16=dtype == "bfloat16"):
-                    with torch.no_grad(), torch.autocast(peer, torch.bfloat16, enabled=bf16):
-                        batched_beam_search(decoder, grid, decode_bench.BEAM,
-                                            decode_bench.MAX_LENGTH, (PAD_ID, START_ID),
-                                            START_ID, END_ID, PAD_ID)
-                    if peer != "cpu":
-                        torch.cuda.synchronize()
-                runs[f"torch_{dtype}"] = run
-        rates = _rates(images, runs, repetitions)
-        for dtype in ("float32", "bfloat16"):
-            steps = float(np.mean([(row != PAD_ID).sum() - 1 for row in found[dtype].tokens]))
-            yield dict(benchmark="decode", unit="captions/s", dtype=dtype, batch=images,
-                       jaxcap=rates[f"jaxcap_{dtype}"], torch=rates.get(f"torch_{dtype}"),
-                       flops_per_item=decode_bench.beam_flops_per_caption(int(round(steps))))
+                search, params, features = decode_bench.jaxcap_search(
+                    count, dtype, images, continuous, variables)
+                runs[f"jaxcap_{dtype}"] = (lambda s=search, f=features, d=dtype:
+                                           found.__setitem__(d, s(f)))
+            if peer:
+                import torch
+
+                decoder = decode_bench.torch_decoder(params).to(peer)
+                grid = torch.from_numpy(features).to(peer)
+                for dtype in ("float32", "bfloat16"):
+                    def run(bf16=dtype == "bfloat16"):
+                        with torch.no_grad(), torch.autocast(peer, torch.bfloat16,
+                                                             enabled=bf16):
+                            for start in range(0, count, images):
+                                batched_beam_search(decoder, grid[start:start + images],
+                                                    decode_bench.BEAM, decode_bench.MAX_LENGTH,
+                                                    (PAD_ID, START_ID), START_ID, END_ID, PAD_ID)
+                        if peer != "cpu":
+                            torch.cuda.synchronize()
+                    runs[f"torch_{dtype}"] = run
+            rates = _rates(count, runs, repetitions)
+            for dtype in ("float32", "bfloat16"):
+                steps = float(np.mean([(row != PAD_ID).sum() - 1
+                                       for row in found[dtype].tokens]))
+                yield dict(benchmark=benchmark, unit="captions/s", dtype=dtype, batch=images,
+                           jaxcap=rates[f"jaxcap_{dtype}"], torch=rates.get(f"torch_{dtype}"),
+                           flops_per_item=decode_bench.beam_flops_per_caption(
+                               int(round(steps))))
 
 
 def finish(row: dict, rate_gflops: dict, nominal: float | None) -> dict:
