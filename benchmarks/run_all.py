@@ -10,7 +10,7 @@ PyTorch peer on the same device where PyTorch can reach it (CPU; CUDA GPUs
 with a CUDA build of PyTorch): channels-last ResNet-50, the tutorial's decoder
 trained with the projection hoisted, the batched beam search; in bfloat16
 under ``torch.autocast``. Decoding is timed twice on captions of Flickr8k's
-lengths: one batch in one call (``decode``), and a stream of 8 batches through
+lengths: one batch in one call (``decode``), and a stream of 4 batches through
 as many slots as a batch has images, the continuous search against the
 batched peer batch by batch (``decode_stream``).
 
@@ -116,7 +116,7 @@ def train_rows(batches, steps, peer, repetitions):
 
 # The continuous search's workload: a stream of this many batches' images through a
 # batch's worth of slots, against the batched peer in batches of that size.
-STREAM_BATCHES = 8
+STREAM_BATCHES = 4
 
 
 def decode_rows(batches, peer, repetitions):
