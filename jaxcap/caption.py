@@ -109,9 +109,10 @@ def _figure_names(names: list[str]) -> dict[str, str]:
 def caption_images(search, size: int, resize: str, images: list[tuple[str, Path]],
                    batch_size: int = 64, attention_dir: str | os.PathLike | None = None,
                    write=print, report=None, workers: int = 8) -> tuple[int, int]:
-    """Captions ``images`` in order with ``search`` (a ``ContinuousSearch``, a
-    ``CaptionSearch`` or an exported captioner's: anything with ``stream``), prepared at
-    ``size`` by ``resize``, ``write``-ing one JSON line each; returns (done, skipped). Unusable files go to ``report(name, reason)`` and are skipped.
+    """Captions ``images`` in order with ``search`` (a ``ContinuousSearch`` or an exported
+    captioner's: anything with ``stream``), prepared at ``size`` by ``resize``,
+    ``write``-ing one JSON line each; returns (done, skipped). Unusable files go to
+    ``report(name, reason)`` and are skipped.
     """
     report = report or (lambda name, reason: print(f"skipped {name}: {reason}", file=sys.stderr))
     figures = _figure_names([name for name, _ in images])

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import itertools
 import math
 
 import jax
@@ -181,6 +180,25 @@ def rollout(model: Captioner, variables, inputs, keys, choice_key, max_length: i
     return tokens, scores, alphas, choices if model_chooses else None
 
 
+def best_continuations(scores, logp):
+    """``(source, token, score)`` (K, B) of each image's k best continuations of its beams'
+    ``scores`` (K, B) by a word of ``logp`` (K, B, V), best first. They are among each
+    beam's k best: two small top-k's instead of one over K * V (a tenth of the step's time
+    on a CPU), equal scores in the same order (lower beam, then lower word, first)."""
+    k, batch, vocab = logp.shape
+    candidates = (scores[..., None] + logp).transpose(1, 0, 2)  # (B, K, V)
+    per_beam = min(k, vocab)
+    beam_scores, words = jax.lax.top_k(candidates, per_beam)  # (B, K, per_beam)
+    best, flat = jax.lax.top_k(beam_scores.reshape(batch, k * per_beam), k)  # (B, K)
+    token = jnp.take_along_axis(words.reshape(batch, k * per_beam), flat, axis=1)
+    return (flat // per_beam).T, token.T.astype(jnp.int32), best.T
+
+
+def continued(source, x):
+    """``x`` (K, B, ...) gathered along the beams as ``source`` (K, B) continues them."""
+    return jnp.take_along_axis(x, source.reshape(*source.shape, *([1] * (x.ndim - 2))), axis=0)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_length",
                                              "no_repeat_ngram"))
 def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length: int,
@@ -227,25 +245,14 @@ def beam_search(model: Captioner, variables, inputs, beam_size: int, max_length:
         # A finished beam only extends with <pad> at no cost.
         pad_only = jnp.where(jnp.arange(vocab) == PAD_ID, 0.0, -jnp.inf)
         logp = jnp.where(state["done"][..., None], pad_only, logp)
-        candidates = (state["scores"][..., None] + logp).transpose(1, 0, 2)  # (B, K, V)
-        # The image's k best of K * V candidates are among each beam's k best: two small
-        # top-k's instead of one over K * V (a tenth of the step's time on a CPU), with
-        # the same order among equal scores (lower beam, then lower word, first).
-        per_beam = min(k, vocab)
-        beam_scores, words = jax.lax.top_k(candidates, per_beam)  # (B, K, per_beam)
-        scores, flat = jax.lax.top_k(beam_scores.reshape(batch, k * per_beam), k)  # (B, K)
-        source = flat // per_beam
-        token = jnp.take_along_axis(words.reshape(batch, k * per_beam), flat, axis=1)
-        source, token = source.T, token.T.astype(jnp.int32)  # (K, B)
-
-        def pick(x):  # gather along the beam axis (0) per image
-            return jnp.take_along_axis(x, source.reshape(k, batch, *([1] * (x.ndim - 2))), axis=0)
+        source, token, scores = best_continuations(state["scores"], logp)
+        pick = functools.partial(continued, source)
 
         done = pick(state["done"])
         tokens = pick(state["tokens"]).at[:, :, t].set(token)
         alphas = pick(state["alphas"]).at[:, :, t - 1].set(
             jnp.where(done[..., None], 0.0, pick(alpha)))
-        return dict(t=t + 1, tokens=tokens, scores=scores.T,
+        return dict(t=t + 1, tokens=tokens, scores=scores,
                     carry=jax.tree.map(pick, carry), done=done | (token == END_ID),
                     lengths=pick(state["lengths"]) + (~done).astype(jnp.int32), alphas=alphas)
 
@@ -396,16 +403,6 @@ def search_function(model: Captioner, options: SearchOptions):
     return search
 
 
-def stream_in_chunks(decode, items, size: int, first_index: int = 0):
-    """``(key, tokens, score, alphas)`` of every ``(key, input)`` of ``items``, decoded
-    ``size`` at a time by ``decode(inputs, first_index) -> (tokens, scores, alphas)``."""
-    items = iter(items)
-    while chunk := list(itertools.islice(items, size)):
-        keys, inputs = zip(*chunk)
-        yield from zip(keys, *decode(np.stack(inputs), first_index))
-        first_index += len(chunk)
-
-
 class CaptionSearch:
     """Captions batches of any size with one compilation per bucket size, on all local devices.
 
@@ -436,11 +433,6 @@ class CaptionSearch:
 
     def bucket(self, count: int) -> int:
         return next(size for size in self.buckets if size >= count)
-
-    def stream(self, items, first_index: int = 0):
-        """``(key, tokens, score, alphas)`` of every ``(key, input)`` of ``items``, in order,
-        ``max_batch`` at a time."""
-        return stream_in_chunks(self._chunk, items, self.max_batch, first_index)
 
     def __call__(self, inputs: np.ndarray, first_index: int = 0) -> Captions:
         parts = [self._chunk(inputs[start:start + self.max_batch], first_index + start)

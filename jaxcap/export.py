@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import io
 import json
 import os
@@ -32,7 +33,7 @@ import numpy as np
 
 from jaxcap import __version__, exported
 from jaxcap.data.text import Vocabulary
-from jaxcap.decode import Captions, SearchOptions, search_function, stream_in_chunks
+from jaxcap.decode import Captions, SearchOptions, search_function
 from jaxcap.errors import UserError
 from jaxcap.exported import FORMAT
 from jaxcap.files import write_text_atomic
@@ -159,7 +160,12 @@ class ExportedSearch:
         return tuple(x[:len(chunk)] for x in self.captioner(padded))
 
     def stream(self, items, first_index: int = 0):
-        return stream_in_chunks(self._chunk, items, self.max_batch, first_index)
+        """``(key, tokens, score, alphas)`` of every ``(key, input)`` of ``items``, in order,
+        ``max_batch`` at a time."""
+        items = iter(items)
+        while chunk := list(itertools.islice(items, self.max_batch)):
+            keys, inputs = zip(*chunk)
+            yield from zip(keys, *self._chunk(np.stack(inputs)))
 
     def __call__(self, inputs: np.ndarray, first_index: int = 0) -> Captions:
         parts = [self._chunk(inputs[start:start + self.max_batch])
