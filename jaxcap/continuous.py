@@ -220,30 +220,32 @@ class ContinuousSearch:
         self.static = dict(sampling=o.temperature > 0, max_length=o.max_length,
                            no_repeat_ngram=o.no_repeat_ngram, chunk=chunk)
 
-    def _start_block(self, block: list) -> list:
-        """Each input of ``block`` (at most ``admit``) as the leaves of its ``start`` state
-        (None for a leaf that is not per image). The block runs as one padded block of
+    def _start_block(self, block: list) -> tuple:
+        """``(layout, entries)``: each input of ``block`` (at most ``admit``) as the leaves
+        of its ``start`` state (None for a leaf that is not per image), and the state's
+        layout (its tree, and the leaves shared by all images). The block runs as one padded block of
         ``admit``: one program for the encoder and the start run, however images arrive,
         and each image's grid projected once."""
         padded = np.stack(block + block[:1] * (self.admit - len(block)))
-        leaves, self._treedef = jax.tree.flatten(_start(
+        leaves, treedef = jax.tree.flatten(_start(
             self.model, self.variables, padded, max_length=self.options.max_length))
         leaves = [np.asarray(x) for x in leaves]
-        self._constants = [None if x.ndim else x for x in leaves]
-        return [[x[i] if x.ndim else None for x in leaves] for i in range(len(block))]
+        layout = (treedef, [None if x.ndim else x for x in leaves])
+        return layout, [[x[i] if x.ndim else None for x in leaves] for i in range(len(block))]
 
-    def _stacked(self, entries: list, rows: int):
+    @staticmethod
+    def _stacked(layout: tuple, entries: list, rows: int):
         """The ``(context, carry)`` of ``entries`` (``_start_block``'s) in ``rows`` rows,
         zeros after them."""
         leaves = [constant if constant is not None else np.concatenate([
             np.stack([entry[i] for entry in entries]),
             np.zeros((rows - len(entries), *entries[0][i].shape), entries[0][i].dtype)])
-            for i, constant in enumerate(self._constants)]
-        return jax.tree.unflatten(self._treedef, leaves)
+            for i, constant in enumerate(layout[1])]
+        return jax.tree.unflatten(layout[0], leaves)
 
-    def _empty(self, entry: list) -> Slots:
+    def _empty(self, layout: tuple, entry: list) -> Slots:
         """Free slots of the right shapes (their contents never read), from one entry."""
-        context, carry = self._stacked([entry], self.slots)
+        context, carry = self._stacked(layout, [entry], self.slots)
         k, count, length = self.beams, self.slots, self.options.max_length
         regions = jax.eval_shape(lambda: self.decoder.apply(
             self.decoder_variables, context, carry, jnp.zeros(count, jnp.int32),
@@ -298,14 +300,16 @@ class ContinuousSearch:
                 exhausted = len(block) < self.admit
                 if block:
                     names, inputs = zip(*block)
-                    ready += zip(names, self._start_block(list(inputs)))
+                    layout, entries = self._start_block(list(inputs))
+                    ready += zip(names, entries)
             count = min(free, self.admit, len(ready))
             if not ready and given == entered:
                 return  # every image that entered has been given back, and none waits
             if slots is None:
-                slots = self._empty(ready[0][1])
-                idle = self._stacked([ready[0][1]], self.admit)  # for boundaries with no entry
-            started = (self._stacked([entry for _, entry in ready[:count]], self.admit)
+                slots = self._empty(layout, ready[0][1])
+                # for boundaries with no entry
+                idle = self._stacked(layout, [ready[0][1]], self.admit)
+            started = (self._stacked(layout, [entry for _, entry in ready[:count]], self.admit)
                        if count else idle)
             images = np.arange(first_index + entered, first_index + entered + self.admit,
                                dtype=np.int32)
